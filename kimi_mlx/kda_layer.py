@@ -1,0 +1,107 @@
+"""The Kimi Delta Attention layer (20 of the 27 layers of Kimi-Linear-48B-A3B).
+
+x -> q, k, v projections -> short causal depthwise conv + SiLU (window carried in the cache)
+  -> q, k L2-normalised (eps 1e-6 added to the sum of squares), q scaled by Dk^-0.5
+  -> per-channel forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)   (log space, fp32)
+  -> beta = sigmoid(b_proj(x))
+  -> delta-rule recurrence (kimi_mlx.kda: state [B, H, Dv, Dk] fp32)
+  -> RMSNorm(o) * sigmoid(g_b(g_a(x)))  (in fp32) -> o_proj.
+Parameter names follow mlx-lm's `kimi_linear` so converted checkpoints load in both.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KDACache
+from .config import ModelArgs
+from .kda import kda_update
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv over time. weight: [C, K, 1] (MLX Conv1d layout, as mlx-lm stores it)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Module()
+        self.conv.weight = mx.zeros((channels, kernel_size, 1))
+        self.kernel_size = kernel_size
+
+    def __call__(self, x: mx.array, window: mx.array | None) -> tuple[mx.array, mx.array]:
+        """x: [B, T, C], window: [B, K-1, C] or None -> (silu(conv) [B, T, C], new window [B, K-1, C])."""
+        B, T, C = x.shape
+        K = self.kernel_size
+        if window is None:
+            window = mx.zeros((B, K - 1, C), dtype=x.dtype)
+        xs = mx.concatenate([window, x], axis=1)  # [B, K-1+T, C]
+        w = self.conv.weight[:, :, 0]  # [C, K]
+        # K is 4: a few shifted multiply-adds beat a grouped conv on every backend.
+        out = xs[:, 0:T] * w[:, 0]
+        for j in range(1, K):
+            out = out + xs[:, j : j + T] * w[:, j]
+        return nn.silu(out), xs[:, T:]
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (eps inside the root, as the reference)."""
+    x = x.astype(mx.float32)
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, D, hidden = args.kda_heads, args.kda_head_dim, args.hidden_size
+        self.num_heads, self.head_dim = H, D
+        proj = H * D
+        self.q_proj = nn.Linear(hidden, proj, bias=False)
+        self.k_proj = nn.Linear(hidden, proj, bias=False)
+        self.v_proj = nn.Linear(hidden, proj, bias=False)
+        self.q_conv = ShortConv(proj, args.conv_kernel)
+        self.k_conv = ShortConv(proj, args.conv_kernel)
+        self.v_conv = ShortConv(proj, args.conv_kernel)
+        self.f_a_proj = nn.Linear(hidden, D, bias=False)
+        self.f_b_proj = nn.Linear(D, proj, bias=False)
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.g_a_proj = nn.Linear(hidden, D, bias=False)
+        self.g_b_proj = nn.Linear(D, proj, bias=False)
+        self.A_log = mx.zeros((1, 1, H, 1), dtype=mx.float32)
+        self.dt_bias = mx.zeros((proj,), dtype=mx.float32)
+        self.o_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.o_proj = nn.Linear(proj, hidden, bias=False)
+
+    def forget_gate(self, x: mx.array) -> mx.array:
+        """x: [B, T, hidden] -> g [B, T, H, D] float32, log-space decay (<= 0)."""
+        B, T, _ = x.shape
+        f = self.f_b_proj(self.f_a_proj(x)).astype(mx.float32) + self.dt_bias.astype(mx.float32)
+        f = f.reshape(B, T, self.num_heads, self.head_dim)
+        return -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(f)
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: KDACache | None = None):
+        """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if mask is not None:
+            # Padding tokens contribute nothing: zero input gives k = 0, so the state is untouched.
+            x = mx.where(mask[..., None].astype(mx.bool_), x, 0).astype(x.dtype)
+        windows = cache.conv if cache is not None and cache.conv is not None else [None] * 3
+        q, wq = self.q_conv(self.q_proj(x), windows[0])
+        k, wk = self.k_conv(self.k_proj(x), windows[1])
+        v, wv = self.v_conv(self.v_proj(x), windows[2])
+        q = l2_normalize(q.reshape(B, T, H, D)) * (D**-0.5)  # [B, T, H, Dk] fp32
+        k = l2_normalize(k.reshape(B, T, H, D))  # [B, T, H, Dk] fp32
+        v = v.reshape(B, T, H, D)  # [B, T, H, Dv]
+        g = self.forget_gate(x)  # [B, T, H, Dk] fp32
+        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # [B, T, H]
+
+        state = cache.recurrent if cache is not None else None
+        o, state = kda_update(q, k, v, g, beta, state)  # o: [B, T, H, Dv]
+        if cache is not None:
+            cache.conv, cache.recurrent = [wq, wk, wv], state
+            cache.offset += T
+
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
+        o = mx.fast.rms_norm(o.astype(mx.float32), self.o_norm.weight.astype(mx.float32), self.o_norm.eps)
+        o = (o * mx.sigmoid(gate.astype(mx.float32))).astype(x.dtype)
+        return self.o_proj(o.reshape(B, T, H * D))

@@ -1,0 +1,166 @@
+"""Load a Kimi-Linear checkpoint folder (original Moonshot layout or MLX layout, quantized or not).
+
+Every failure is a ModelFormatError of one line naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import KimiError, ModelFormatError
+from .model import FP32_PARAMS, Model
+from .weights import to_mlx_layout
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The shards of a checkpoint: from model.safetensors.index.json, or every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise ModelFormatError(f"{missing[0]}: listed in {index.name} but missing; download it again")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{folder}: no *.safetensors weights found")
+    return files
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header against its size; return the header. Catches truncation."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not a valid safetensors file ({e}); download it again") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelFormatError(
+            f"{path}: truncated ({size} bytes, header says {8 + n + end}); download or convert it again"
+        )
+    return header
+
+
+def read_weights(folder: Path) -> tuple[dict, dict]:
+    """-> (name -> array (lazy), name -> file it came from)."""
+    weights, origin = {}, {}
+    for path in safetensors_files(folder):
+        check_safetensors(path)
+        try:
+            arrays = mx.load(str(path))
+        except Exception as e:  # mlx raises RuntimeError/ValueError with a terse message
+            raise ModelFormatError(f"{path}: cannot read ({e})") from None
+        for name, w in arrays.items():
+            weights[name] = w
+            origin[name] = path.name
+    return weights, origin
+
+
+def _quantize_like_checkpoint(model: Model, args: ModelArgs, weights: dict) -> None:
+    """Turn modules into their quantized form where the checkpoint has `.scales` (mlx-lm's rule)."""
+    q = args.quantization or {}
+
+    def predicate(path: str, module) -> bool | dict:
+        if path in q:  # per-module override, e.g. the 8-bit router gate
+            return q[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=q.get("group_size", 64),
+        bits=q.get("bits", 4),
+        mode=q.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _check_names_and_shapes(model: Model, weights: dict, origin: dict, folder: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name in expected:
+        if name not in weights:
+            raise ModelFormatError(f"{folder}: tensor {name} is missing from the checkpoint")
+    for name, w in weights.items():
+        # Renamed tensors (stacked experts, split kv_b) have no single source file: name the folder.
+        where = folder / origin[name] if name in origin else folder
+        if name not in expected:
+            raise ModelFormatError(f"{where}: unexpected tensor {name} (not a Kimi-Linear weight)")
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise ModelFormatError(
+                f"{where}: tensor {name} has shape {tuple(w.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+
+
+def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
+    """Float weights -> dtype (if given); the gate/router parameters always fp32."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(FP32_PARAMS):
+            w = w.astype(mx.float32)
+        elif dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(dtype)
+        out[name] = w
+    return out
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
+    """Read a model folder (config.json + safetensors) into a ready Model (weights evaluated)."""
+    folder = resolve_model_path(path)
+    args = ModelArgs.from_file(folder / "config.json")
+    weights, origin = read_weights(folder)
+    weights = to_mlx_layout(weights, args)
+    model = Model(args)
+    if args.quantization or any(n.endswith(".scales") for n in weights):
+        _quantize_like_checkpoint(model, args, weights)
+    _check_names_and_shapes(model, weights, origin, folder)
+    model.load_weights(list(cast_weights(weights, dtype).items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local folder as is; `org/name` through huggingface-hub (weights, config and tokenizer only)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise KimiError(f"{local}: is a file; pass the model folder that holds config.json")
+    text = str(path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise KimiError(f"{text}: no such model folder")
+    return download_repo(text)
+
+
+def download_repo(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "*.md"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise KimiError(f"{repo_id}: no such repository on the Hugging Face hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise KimiError(
+            f"{repo_id}: not in the local cache and the hub cannot be reached; "
+            "download it on a connected machine or pass a local folder"
+        ) from None
+    except OSError as e:
+        raise KimiError(f"{repo_id}: download failed ({e})") from None

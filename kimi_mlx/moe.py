@@ -1,0 +1,66 @@
+"""Feed-forward blocks: the dense SwiGLU of layer 0 and the routed mixture of experts.
+
+Router (as the reference): scores = sigmoid(x W_gate^T) in fp32; the correction bias is added for
+the CHOICE of the top-k experts only; the chosen raw scores are renormalised to sum 1 and scaled
+by routed_scaling_factor. One shared expert is always added.
+Experts run through mlx-lm's SwitchGLU (gather matmuls, quantized or not); it sorts tokens by
+expert when there are many (prefill), so each expert's work scales with the tokens it sees.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .config import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
+    """logits: [..., E] -> (expert ids [..., k] int, weights [..., k] fp32)."""
+    scores = mx.sigmoid(logits.astype(mx.float32))  # [..., E]
+    choice = scores + bias.astype(mx.float32)
+    ids = mx.stop_gradient(mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = mx.take_along_axis(scores, ids, axis=-1)  # [..., k]
+    if renormalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return ids, weights * scale
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_token
+        self.renormalize = args.moe_renormalize
+        self.scale = args.routed_scaling_factor
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.e_score_correction_bias = mx.zeros((args.num_experts,), dtype=mx.float32)
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.num_shared_experts)
+            if args.num_shared_experts
+            else None
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x: [B, T, hidden] -> [B, T, hidden]."""
+        # Router in fp32 (as the reference): near-ties between experts must not flip with the activation dtype.
+        ids, weights = route(self.gate(x.astype(mx.float32)), self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
+        y = self.switch_mlp(x, ids)  # [B, T, k, hidden]
+        y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
