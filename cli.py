@@ -34,6 +34,33 @@ def info(model: str = typer.Option(..., "--model", "-m", help="Model folder or h
     typer.echo(_run(describe_model, model))
 
 
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="Model folder or hub repo id"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (sent as a user turn)"),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the prompt from a file"),
+    raw: bool = typer.Option(False, "--raw", help="Use the prompt as is, without the chat template"),
+    system: Optional[str] = typer.Option(None, "--system", help="System message"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temp", help="0 = greedy"),
+    top_p: float = typer.Option(0.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory after the text"),
+):
+    """Generate a reply to one prompt, streamed to stdout."""
+    from kimi_mlx.cli_commands import run_generate
+
+    _run(
+        run_generate, model, prompt, prompt_file, raw=raw, system=system, max_tokens=max_tokens,
+        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed),
+        verbose=verbose,
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv)
 

@@ -1,0 +1,165 @@
+"""Token generation: stepped prefill, pipelined decode, sampling, stop conditions, streaming text.
+
+Samplers and logits processors are mlx-lm's (`make_sampler`, `make_logits_processors`): same
+semantics as the tool our users compare us with, no second implementation to keep right.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import KimiError
+
+DEFAULT_PREFILL_STEP = 512
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response (complete UTF-8 characters only)
+    token: int | None
+    logprob: float | None
+    finish_reason: str | None  # None while running, then "stop" | "length"
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+
+
+def prefill(model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP) -> mx.array:
+    """Feed tokens [T] in steps of `step`; return logits [vocab] of the last position only."""
+    T = tokens.shape[0]
+    if T == 0:
+        raise KimiError("empty prompt: give at least one token")
+    for start in range(0, T - 1, step):
+        end = min(start + step, T - 1)
+        model(tokens[None, start:end], cache=cache, last_only=True)
+        mx.eval([c.state for c in cache])  # bound memory: materialise this step's states
+    return model(tokens[None, T - 1 :], cache=cache, last_only=True)[0, -1]
+
+
+def generate_tokens(
+    model,
+    prompt: mx.array,
+    cache=None,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    logits_processors: list | None = None,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
+) -> Iterator[tuple[int, float]]:
+    """Yield (token, logprob) pairs. The next step is queued (async_eval) before the current token
+    is read, so the host sync per step is just reading one token."""
+    sampler = sampler or make_sampler(0.0)
+    processors = logits_processors or []
+    cache = cache if cache is not None else model.make_cache()
+    history = prompt
+
+    def sample(logits: mx.array):
+        nonlocal history
+        logits = logits[None]
+        for proc in processors:
+            logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)  # [1]
+        if processors:
+            history = mx.concatenate([history, token])
+        return token, logprobs[0, token[0]]
+
+    token, logprob = sample(prefill(model, prompt, cache, prefill_step))
+    mx.async_eval(token, logprob)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_token, next_logprob = sample(model(token[None], cache=cache)[0, -1])
+            mx.async_eval(next_token, next_logprob)
+        yield token.item(), logprob.item()
+        if n + 1 < max_tokens:
+            token, logprob = next_token, next_logprob
+
+
+def _find_stop(text: str, stop: list[str], start: int) -> int | None:
+    """Index of the earliest stop string in text[start:], or None."""
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+        return [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+    raise KimiError(f"prompt must be text, token ids or a list of chat messages, not {type(prompt).__name__}")
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = 256,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    cache=None,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
+) -> Iterator[GenerationResponse]:
+    """Generate from text, token ids or chat messages; yield a response per token."""
+    ids = _prompt_ids(tokenizer, prompt)
+    max_context = getattr(model.args, "model_max_length", None)
+    used = cache[0].offset if cache else 0
+    if max_context and used + len(ids) + max_tokens > max_context:
+        raise KimiError(
+            f"prompt of {len(ids)} tokens + {max_tokens} new tokens exceeds the model's context of {max_context}"
+        )
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    eos = set(tokenizer.eos_token_ids)
+    stop = [s for s in (stop or []) if s]
+    detok = tokenizer.detokenizer()
+    mx.reset_peak_memory()
+
+    t0 = time.perf_counter()
+    prompt_tps, t_first, n = 0.0, t0, 0
+    text, emitted = "", 0  # all reply text so far; how much of it was already yielded
+    hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still become a stop string
+    tokens = generate_tokens(model, mx.array(ids), cache, max_tokens, sampler, processors, prefill_step)
+    for n, (token, logprob) in enumerate(tokens, start=1):
+        if n == 1:
+            t_first = time.perf_counter()
+            prompt_tps = len(ids) / (t_first - t0)
+        finish = "stop" if token in eos else None
+        if finish is None:
+            text += detok.add_token(token)
+        if finish is not None or n == max_tokens:
+            finish, text = finish or "length", text + detok.finalize()
+        cut = _find_stop(text, stop, max(0, emitted - hold))
+        if cut is not None:
+            finish, text = "stop", text[:cut]
+        end = len(text) if finish else max(emitted, len(text) - hold)
+        new_text, emitted = text[emitted:end], end
+        elapsed = max(time.perf_counter() - t_first, 1e-9)
+        yield GenerationResponse(
+            text=new_text, token=token, logprob=logprob, finish_reason=finish,
+            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 2**30,
+        )
+        if finish is not None:
+            return
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:
+    """The whole reply as one string (see stream_generate for the options)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
