@@ -27,7 +27,7 @@ def _run(fn, *args, **kwargs):
 
 
 @app.command()
-def info(model: str = typer.Option(..., "--model", "-m", help="Model folder or hub repo id")):
+def info(model: str = typer.Option("demo", "--model", "-m", help="Model folder, hub repo id, or 'demo'")):
     """Describe a checkpoint: layer pattern, sizes, quantization, parameter count."""
     from kimi_mlx.summary import describe_model
 
@@ -36,7 +36,7 @@ def info(model: str = typer.Option(..., "--model", "-m", help="Model folder or h
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="Model folder or hub repo id"),
+    model: str = typer.Option("demo", "--model", "-m", help="Model folder, hub repo id, or 'demo'"),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (sent as a user turn)"),
     prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the prompt from a file"),
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as is, without the chat template"),

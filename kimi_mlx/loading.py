@@ -137,6 +137,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
 
 def resolve_model_path(path: str | Path) -> Path:
     """A local folder as is; `org/name` through huggingface-hub (weights, config and tokenizer only)."""
+    if str(path) == "demo":
+        return demo_model_path()
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -146,6 +148,14 @@ def resolve_model_path(path: str | Path) -> Path:
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise KimiError(f"{text}: no such model folder")
     return download_repo(text)
+
+
+def demo_model_path() -> Path:
+    """The tiny Kimi-Linear-architecture model trained here and shipped in the package."""
+    folder = Path(__file__).parent / "demo" / "model"
+    if not (folder / "config.json").exists():
+        raise KimiError(f"{folder}: the demo model is missing from this install; reinstall kimi-mlx")
+    return folder
 
 
 def download_repo(repo_id: str) -> Path:
