@@ -108,10 +108,14 @@ def _check_names_and_shapes(model: Model, weights: dict, origin: dict, folder: P
 
 
 def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
-    """Float weights -> dtype (if given); the gate/router parameters always fp32."""
+    """Float weights -> dtype (if given); the gate/router parameters always fp32.
+
+    On the CPU backend unquantized routed experts stay fp32: MLX's CPU gather_mm supports only fp32.
+    """
+    experts_fp32 = mx.default_device() == mx.cpu
     out = {}
     for name, w in weights.items():
-        if name.endswith(FP32_PARAMS):
+        if name.endswith(FP32_PARAMS) or (experts_fp32 and ".switch_mlp." in name and mx.issubdtype(w.dtype, mx.floating)):
             w = w.astype(mx.float32)
         elif dtype is not None and mx.issubdtype(w.dtype, mx.floating):
             w = w.astype(dtype)

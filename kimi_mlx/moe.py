@@ -59,8 +59,13 @@ class SparseMoE(nn.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         # Router in fp32 (as the reference): near-ties between experts must not flip with the activation dtype.
         ids, weights = route(self.gate(x.astype(mx.float32)), self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
-        y = self.switch_mlp(x, ids)  # [B, T, k, hidden]
+        y = self.switch_mlp(self._expert_input(x), ids)  # [B, T, k, hidden]
         y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def _expert_input(self, x: mx.array) -> mx.array:
+        """Match x to unquantized expert weights: on CPU they stay fp32 (MLX's CPU gather_mm is fp32-only)."""
+        w = self.switch_mlp.gate_proj.weight
+        return x.astype(w.dtype) if mx.issubdtype(w.dtype, mx.floating) else x
