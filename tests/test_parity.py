@@ -153,6 +153,21 @@ def test_left_padded_batch(ref32, ours):
     assert_close(both[1:], ref32.logits([b]), "unpadded row vs reference")
 
 
+def test_left_padded_batch_decodes_through_the_cache(ref32, ours):
+    """The cache remembers the prefill mask: decode steps (mask=None) of a left-padded batch
+    equal each sequence's own prefill + decode, and the reference's full forward."""
+    a, b = ref32.tokens(30, seed=6)[0], ref32.tokens(45, seed=7)[0]
+    nxt = ref32.tokens(4, seed=8)[0]
+    n_pad = len(b) - len(a)
+    model = ours(ref32.folder)
+    cache = model.make_cache()
+    run(model, [[ref32.config["pad_token_id"]] * n_pad + a, b], mask=[[0] * n_pad + [1] * len(a), [1] * len(b)],
+        cache=cache)
+    steps = np.concatenate([run(model, [[t], [t]], cache=cache) for t in nxt], axis=1)  # [2, 4, V]
+    assert_close(steps[:1], ref32.logits([a + nxt])[:, -len(nxt):], "padded row decode vs reference")
+    assert_close(steps[1:], ref32.logits([b + nxt])[:, -len(nxt):], "unpadded row decode vs reference")
+
+
 # -------------------------------------------------------------- checkpoint variants
 
 
