@@ -61,6 +61,29 @@ def generate(
     )
 
 
+@app.command()
+def chat(
+    model: str = typer.Option("demo", "--model", "-m", help="Model folder, hub repo id, or 'demo'"),
+    system: Optional[str] = typer.Option(None, "--system", help="System message"),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Longest reply, in tokens"),
+    temperature: float = typer.Option(0.0, "--temp", help="0 = greedy"),
+    top_p: float = typer.Option(0.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+):
+    """Chat in the terminal (/undo /retry /reset /system /save /load /quit); Ctrl-C stops a reply."""
+    from kimi_mlx.chat import run_chat
+
+    code = _run(
+        run_chat, model, system=system, max_tokens=max_tokens,
+        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed),
+    )
+    raise typer.Exit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv)
 

@@ -1,0 +1,414 @@
+"""Multi-turn chat: the cache carries the history, so each turn prefills only its own new tokens.
+
+Invariants of a session state (`_State`):
+- `tokens` are the ids of the whole conversation as the model sees it: rendered turns, the
+  generated reply ids, and `<|im_end|>` closing every assistant turn.
+- the cache has consumed `tokens[:offset]` (offset = each cache's `.offset`); anything after
+  it (a system message before the first turn) is fed with the next turn.
+A turn works on copies of the caches and replaces the live state only when the reply is
+complete, so a reply stopped early (Ctrl-C, a consumer that breaks) leaves the session as it was.
+The state before each turn is kept for /undo and /retry: KDA states are recurrent and cannot
+be trimmed back, only restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import KimiError
+from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, stream_generate
+
+FILE_FORMAT = "kimi-mlx-chat"
+FILE_VERSION = "1"
+DEFAULT_MAX_TOKENS = 2048
+DEFAULT_UNDO_MEMORY = 4 * 2**30  # older snapshots are dropped past this; the last one is always kept
+
+HELP = "commands: /undo /retry /reset /system TEXT /save FILE /load FILE /quit (// starts a message with /)"
+
+
+@dataclass
+class _State:
+    messages: list[dict]
+    tokens: list[int]
+    cache: list  # never mutated once it belongs to a state: turns work on copies
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset if self.cache else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for c in self.cache for a in c.state)
+
+
+def model_fingerprint(model) -> str:
+    """Identify a model by its config and final-norm weights (cheap, differs between checkpoints)."""
+    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.array(model.model.norm.weight.astype(mx.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_template_renders_turns_alone(tokenizer) -> None:
+    """Turns are rendered one at a time (the cache holds the rest): warn if the template renders
+    a conversation otherwise (e.g. adds a default system message or rewrites earlier turns)."""
+    convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    whole = tokenizer.apply_chat_template(convo, add_generation_prompt=True)
+    parts = [tokenizer.apply_chat_template([m], add_generation_prompt=False) for m in convo[:-1]]
+    parts.append(tokenizer.apply_chat_template(convo[-1:], add_generation_prompt=True))
+    if whole != [i for p in parts for i in p]:
+        warnings.warn(
+            f"{tokenizer.chat_template_source}: the chat template renders a conversation differently from its "
+            "turns one by one; multi-turn chat feeds each turn alone, so the model sees slightly different ids",
+            stacklevel=3,
+        )
+
+
+class ChatSession:
+    """A conversation with one model, usable from Python:
+
+        session = ChatSession(model, tokenizer, system="Be brief.")
+        print(session.chat("Hello"))          # or stream: for r in session.send("Hello"): ...
+        session.undo(); session.retry(); session.save("chat.safetensors")
+
+    `sampling` takes stream_generate's options (temperature, top_p, top_k, min_p,
+    repetition_penalty); `seed` seeds MLX's generator once, so /retry can still differ.
+    """
+
+    def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, *,
+                 seed: int | None = None, model_name: str | None = None, prefill_step: int = DEFAULT_PREFILL_STEP,
+                 undo_memory: int = DEFAULT_UNDO_MEMORY, **sampling):
+        self.model, self.tokenizer = model, tokenizer
+        if max_tokens < 1:
+            raise KimiError(f"max_tokens is {max_tokens}; a reply needs at least 1 token")
+        self.max_tokens, self.prefill_step, self.undo_memory = max_tokens, prefill_step, undo_memory
+        self.sampling = sampling
+        self.model_name = model_name or "this model"
+        self.fingerprint = model_fingerprint(model)
+        self.im_end = tokenizer.token_to_id("<|im_end|>")
+        if self.im_end is None:
+            raise KimiError(f"{self.model_name}: the tokenizer has no <|im_end|> token; chat needs an Instruct model")
+        self.max_context = model.args.model_max_length
+        _check_template_renders_turns_alone(tokenizer)
+        self.last_cut_by_context = False
+        if seed is not None:
+            mx.random.seed(seed)
+        self.reset(system)
+
+    # ---- the conversation
+
+    @property
+    def messages(self) -> list[dict]:
+        return self._state.messages
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every id of the conversation; the cache has consumed all but a pending system message."""
+        return self._state.tokens
+
+    @property
+    def cache(self) -> list:
+        return self._state.cache
+
+    @property
+    def system(self) -> str | None:
+        first = self.messages[0] if self.messages else None
+        return first["content"] if first and first["role"] == "system" else None
+
+    @property
+    def context_used(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def reset(self, system: str | None = None) -> None:
+        """Start over, with `system` as the system message (None: none)."""
+        messages = [{"role": "system", "content": system}] if system else []
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False) if messages else []
+        self._state = _State(messages, list(ids), self.model.make_cache())
+        self._undo: list[_State] = []
+
+    def send(self, text: str) -> Iterator[GenerationResponse]:
+        """Stream the reply to a user message; the turn is committed when the last response is
+        yielded. Raises KimiError at once if the message does not fit the context."""
+        base = self._state
+        plan = self._plan(base, text)
+
+        def commit(new: _State) -> None:
+            self._push_undo(base)
+            self._state = new
+
+        return self._turn(base, text, plan, commit)
+
+    def retry(self) -> Iterator[GenerationResponse]:
+        """Stream a new reply to the last user message, from the state before it."""
+        if not self._undo:
+            raise KimiError("nothing to retry")
+        base = self._undo[-1]
+        text = self.messages[len(base.messages)]["content"]
+        plan = self._plan(base, text)
+        return self._turn(base, text, plan, lambda new: setattr(self, "_state", new))
+
+    def undo(self) -> None:
+        """Forget the last turn (message and reply): back to the state before it."""
+        if not self._undo:
+            raise KimiError("nothing to undo")
+        self._state = self._undo.pop()
+
+    def chat(self, text: str) -> str:
+        """The whole reply to `text` as one string."""
+        return "".join(r.text for r in self.send(text))
+
+    # ---- one turn
+
+    def _plan(self, base: _State, text: str) -> tuple[list[int], list[int], int]:
+        """The turn's own ids, the ids it feeds (with any pending ones) and its reply budget;
+        a message that cannot fit is refused."""
+        new = list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        feed = base.tokens[base.offset:] + new
+        room = self.max_context - base.offset - len(feed) - 1  # keep one id for the closing <|im_end|>
+        if room < 1:
+            raise KimiError(
+                f"message of {len(new)} tokens does not fit: context {len(base.tokens)}/{self.max_context} used; "
+                "/undo, /reset or send a shorter message"
+            )
+        return new, feed, min(self.max_tokens, room)
+
+    def _turn(self, base: _State, text: str, plan: tuple, commit) -> Iterator[GenerationResponse]:
+        new, feed, max_tokens = plan
+        cache = [c.copy() for c in base.cache]
+        reply_ids, reply_text = [], ""
+        stream = stream_generate(self.model, self.tokenizer, feed, max_tokens, cache=cache,
+                                 prefill_step=self.prefill_step, **self.sampling)
+        for r in stream:
+            reply_ids.append(r.token)
+            reply_text += r.text
+            if r.finish_reason is None:
+                yield r
+                continue
+            # Close the turn before the last response is handed out: a consumer may stop there.
+            tokens = base.tokens + new + reply_ids
+            if reply_ids[-1] != self.im_end:
+                tokens.append(self.im_end)
+            self._feed_missing(cache, tokens)
+            self.last_cut_by_context = r.finish_reason == "length" and max_tokens < self.max_tokens
+            messages = base.messages + [{"role": "user", "content": text}, {"role": "assistant", "content": reply_text}]
+            commit(_State(messages, tokens, cache))
+            yield r
+
+    def _feed_missing(self, cache: list, tokens: list[int]) -> None:
+        """Feed what the cache has not consumed. Pipelined decode has usually fed the last token
+        already, but not after a length-limited reply."""
+        offsets = {c.offset for c in cache}
+        if len(offsets) != 1:
+            raise RuntimeError(f"caches disagree on the tokens consumed: {sorted(offsets)}")
+        missing = tokens[offsets.pop():]
+        if missing:
+            self.model(mx.array([missing]), cache=cache, last_only=True)
+            mx.eval([c.state for c in cache])
+
+    def _push_undo(self, state: _State) -> None:
+        self._undo.append(state)
+        while len(self._undo) > 1 and sum(s.nbytes for s in self._undo) > self.undo_memory:
+            self._undo.pop(0)
+
+    # ---- files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Conversation, ids and cache states in one safetensors file (written atomically)."""
+        path = Path(path)
+        arrays = {"tokens": mx.array(self.tokens, dtype=mx.int32)}
+        for i, c in enumerate(self.cache):
+            arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(c.state)})
+        metadata = {
+            "format": FILE_FORMAT, "version": FILE_VERSION,
+            "model": self.fingerprint, "model_name": self.model_name,
+            "messages": json.dumps(self.messages, ensure_ascii=False),
+            "cache_kinds": json.dumps([type(c).__name__ for c in self.cache]),
+            "cache_counts": json.dumps([len(c.state) for c in self.cache]),
+            "cache_meta": json.dumps([c.meta_state for c in self.cache]),
+        }
+        tmp = path.with_name(path.name + ".tmp.safetensors")  # MLX appends .safetensors otherwise
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise KimiError(f"{path}: cannot save the chat ({getattr(e, 'strerror', None) or e})") from None
+        finally:
+            tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace the session with a saved one; the file must come from this model."""
+        path = Path(path)
+        if not path.is_file():
+            raise KimiError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        try:
+            arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise KimiError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise KimiError(f"{path}: not a kimi-mlx chat file (save one with /save)")
+        if meta.get("model") != self.fingerprint:
+            raise KimiError(
+                f"{path}: saved from another model ({meta.get('model_name', '?')}); "
+                f"{self.model_name} cannot continue it"
+            )
+        try:
+            state = self._read_state(arrays, meta)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise KimiError(f"{path}: corrupt chat file ({type(e).__name__}: {e})") from None
+        self._state, self._undo = state, []
+
+    def _read_state(self, arrays: dict, meta: dict) -> _State:
+        cache = self.model.make_cache()
+        kinds = json.loads(meta["cache_kinds"])
+        counts, metas = json.loads(meta["cache_counts"]), json.loads(meta["cache_meta"])
+        if kinds != [type(c).__name__ for c in cache]:
+            raise ValueError("its cache layers do not match this model")
+        for i, c in enumerate(cache):
+            c.state = [arrays[f"cache.{i}.{j}"] for j in range(counts[i])]
+            c.meta_state = metas[i]
+        state = _State(json.loads(meta["messages"]), arrays["tokens"].tolist(), cache)
+        if len({c.offset for c in cache}) != 1 or state.offset > len(state.tokens):
+            raise ValueError("cache offsets do not match its token ids")
+        return state
+
+
+# ---------------------------------------------------------------- the terminal chat
+
+
+class _Terminal:
+    """Reads lines and writes the reply and status; stdin may be a pipe (no TTY)."""
+
+    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO):
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.use_input = stdin is sys.stdin and stdin.isatty()  # input() gives line editing on a TTY
+        self.dim = stderr.isatty()
+
+    def read(self) -> str | None:
+        """The next line, or None at EOF."""
+        if self.use_input:
+            try:
+                return input(">>> ")
+            except EOFError:
+                return None
+        self.stdout.write(">>> ")
+        self.stdout.flush()
+        line = self.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+
+    def write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def note(self, text: str) -> None:
+        self.stderr.write(f"\x1b[2m{text}\x1b[0m\n" if self.dim else f"{text}\n")
+        self.stderr.flush()
+
+
+def _status(session: ChatSession, last: GenerationResponse) -> str:
+    return (f"[ prefill {last.prompt_tps:.1f} tok/s | generation {last.generation_tps:.1f} tok/s | "
+            f"context {session.context_used}/{session.max_context} ]")
+
+
+def _stream_reply(session: ChatSession, term: _Terminal, stream: Iterator[GenerationResponse]) -> None:
+    """Print a reply as it streams; Ctrl-C stops it and the turn is discarded."""
+    before, last = session._state, None
+    try:
+        for last in stream:
+            term.write(last.text)
+    except KeyboardInterrupt:
+        stream.close()
+        term.write("\n")
+        if session._state is before:
+            term.note("[reply stopped; the turn was discarded]")
+        return
+    term.write("\n")
+    if last is not None:
+        term.note(_status(session, last))
+    if session.last_cut_by_context:
+        term.note("[the context is full: /undo or /reset to continue]")
+
+
+def _command(session: ChatSession, term: _Terminal, line: str) -> bool:
+    """Run one /command; False means quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/undo":
+        session.undo()
+        term.note(f"[undone; context {session.context_used}/{session.max_context}]")
+    elif name == "/retry":
+        _stream_reply(session, term, session.retry())
+    elif name == "/reset":
+        session.reset(session.system)
+        term.note("[conversation reset]")
+    elif name == "/system":
+        session.reset(arg or None)
+        term.note("[new conversation with this system message]" if arg else "[new conversation, no system message]")
+    elif name in ("/save", "/load") and not arg:
+        term.note(f"usage: {name} FILE")
+    elif name == "/save":
+        session.save(arg)
+        term.note(f"[saved {len(session.messages)} messages to {arg}]")
+    elif name == "/load":
+        session.load(arg)
+        term.note(f"[loaded {len(session.messages)} messages; context {session.context_used}/{session.max_context}]")
+    else:
+        term.note(f"unknown command {name}; {HELP}")
+    return True
+
+
+def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Read messages and commands until /quit, EOF or Ctrl-C at the prompt; return the exit code."""
+    term = _Terminal(stdin, stdout, stderr)
+    while True:
+        try:
+            line = term.read()
+        except KeyboardInterrupt:
+            term.write("\n")
+            return 0
+        if line is None:
+            term.write("\n")
+            return 0
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/") and not line.startswith("//"):
+                if not _command(session, term, line.strip()):
+                    return 0
+            else:
+                _stream_reply(session, term, session.send(line[1:] if line.startswith("//") else line))
+        except KimiError as e:
+            term.note(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C during a command (e.g. /save): the session is unchanged
+            term.note("[interrupted]")
+
+
+def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+             sampling: dict | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None) -> int:
+    """`kimi-mlx chat`: load the model, then chat on stdin/stdout (status lines on stderr)."""
+    from . import load
+    from .loading import resolve_model_path
+
+    folder = resolve_model_path(model_path)
+    model, tokenizer = load(str(folder))
+    session = ChatSession(model, tokenizer, system=system, max_tokens=max_tokens, model_name=str(folder),
+                          **(sampling or {}))
+    stderr = stderr or sys.stderr
+    stderr.write(f"{folder}: context {session.max_context} tokens. {HELP}\n")
+    return chat_loop(session, stdin or sys.stdin, stdout or sys.stdout, stderr)
