@@ -127,7 +127,7 @@ def stream_generate(
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
     eos = set(tokenizer.eos_token_ids)
     stop = [s for s in (stop or []) if s]
-    detok = tokenizer.detokenizer()
+    detok = tokenizer.detokenizer(skip_special_tokens=True)  # control tokens are not reply text
     mx.reset_peak_memory()
 
     t0 = time.perf_counter()
