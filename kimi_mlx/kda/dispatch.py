@@ -1,0 +1,75 @@
+"""Which KDA path runs: explicit `path` argument > set_kda_path() > $KIMI_MLX_KDA_PATH > auto."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .chunked import kda_chunked
+from .mx_fast import kda_mx_fast
+from .naive import kda_naive
+
+ENV_VAR = "KIMI_MLX_KDA_PATH"
+
+# Every path has the signature fn(q, k, v, g, beta, state=None) -> (o, state).
+# Seam for the custom Metal kernels (a later task): they add "metal": kda_metal here, and
+# _auto_path prefers it on Metal once its one-time self-check against the ops path passes.
+_PATHS = {
+    "naive": kda_naive,
+    "chunked": kda_chunked,
+    "mx_fast": kda_mx_fast,
+}
+KDA_PATHS = tuple(_PATHS)
+
+# CPU crossover, measured with bench/bench_kda.py (B=1, H=32, D=128): with OpenBLAS (the
+# project's Linux bench setup) chunked passes mx.fast at ~16 tokens, is 2.2x faster at 32 and
+# ~4.5x from 64; with mlx's built-in BLAS it is 0.5x at 32 and ~0.85x from 64 on. We take
+# chunked from 32 on either way: a 15% loss on the slow BLAS against a 2-4.5x gain.
+# Below that, mx.fast's per-token loop beats padding to a whole chunk.
+CPU_CHUNKED_MIN_T = 32
+
+_forced: str | None = None
+
+
+def _check(name: str, where: str) -> str:
+    if name not in _PATHS:
+        raise ValueError(f"unknown KDA path {name!r} ({where}); valid: {', '.join(KDA_PATHS)}")
+    return name
+
+
+def set_kda_path(name: str | None) -> None:
+    """Force every kda_update call to one path; None goes back to env var / auto."""
+    global _forced
+    _forced = None if name is None else _check(name, "set_kda_path")
+
+
+def _auto_path(seq_len: int) -> str:
+    """Fastest measured path for this device and sequence length."""
+    if mx.metal.is_available():
+        # mx.fast is MLX's fused Metal kernel: the right choice for decode, and for prefill
+        # until the chunked path is benchmarked on a Mac (bench/bench_kda.py).
+        return "mx_fast"
+    return "chunked" if seq_len >= CPU_CHUNKED_MIN_T else "mx_fast"
+
+
+def get_kda_path(seq_len: int | None = None) -> str:
+    """The path kda_update uses for `seq_len` tokens when no `path` argument is given.
+
+    With seq_len None: the forced path (set_kda_path, then the env var), or "auto".
+    """
+    if _forced is not None:
+        return _forced
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check(env, f"${ENV_VAR}")
+    return "auto" if seq_len is None else _auto_path(seq_len)
+
+
+def kda_update(q, k, v, g, beta, state=None, path: str | None = None):
+    """Run the KDA recurrence on the chosen path; see kimi_mlx/kda for shapes.
+
+    Returns (o [B, T, H, Dv] in v.dtype, state [B, H, Dv, Dk] float32).
+    """
+    name = _check(path, "path argument") if path is not None else get_kda_path(k.shape[1])
+    return _PATHS[name](q, k, v, g, beta, state)
