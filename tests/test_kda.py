@@ -248,9 +248,9 @@ def test_auto_choice():
 
 def test_bad_path_names(monkeypatch):
     args = make_inputs(1, 32, "weak", False)
-    with pytest.raises(ValueError, match="valid: naive, chunked, mx_fast"):
-        set_kda_path("metal")
-    with pytest.raises(ValueError, match="valid: naive, chunked, mx_fast"):
+    with pytest.raises(ValueError, match="valid: naive, chunked, mx_fast, metal"):
+        set_kda_path("metall")
+    with pytest.raises(ValueError, match="valid: naive, chunked, mx_fast, metal"):
         kda_update(*args, path="fast")
     monkeypatch.setenv(dispatch.ENV_VAR, "Chunked")
     with pytest.raises(ValueError, match="KIMI_MLX_KDA_PATH"):

@@ -1,6 +1,6 @@
 """Kimi Delta Attention (KDA): the gated delta-rule recurrence with a per-channel forget gate.
 
-Conventions, shared by every path (naive, chunked, mx_fast, later metal):
+Conventions, shared by every path (naive, chunked, mx_fast, metal):
 
     q, k   [B, T, H, Dk]  any float dtype; the caller has already L2-normalised q and k
                           and scaled q by Dk**-0.5
@@ -22,6 +22,7 @@ tested against; `kda_update` picks a path (see dispatch.py).
 
 from .chunked import kda_chunked
 from .dispatch import KDA_PATHS, get_kda_path, kda_update, set_kda_path
+from .metal import kda_metal, kda_metal_step, set_kernel_mode
 from .mx_fast import kda_mx_fast
 from .naive import kda_naive, kda_step
 
@@ -29,9 +30,12 @@ __all__ = [
     "KDA_PATHS",
     "get_kda_path",
     "kda_chunked",
+    "kda_metal",
+    "kda_metal_step",
     "kda_mx_fast",
     "kda_naive",
     "kda_step",
     "kda_update",
     "set_kda_path",
+    "set_kernel_mode",
 ]

@@ -7,18 +7,18 @@ import os
 import mlx.core as mx
 
 from .chunked import kda_chunked
+from .metal import kda_metal, metal_ready
 from .mx_fast import kda_mx_fast
 from .naive import kda_naive
 
 ENV_VAR = "KIMI_MLX_KDA_PATH"
 
 # Every path has the signature fn(q, k, v, g, beta, state=None) -> (o, state).
-# Seam for the custom Metal kernels (a later task): they add "metal": kda_metal here, and
-# _auto_path prefers it on Metal once its one-time self-check against the ops path passes.
 _PATHS = {
     "naive": kda_naive,
     "chunked": kda_chunked,
     "mx_fast": kda_mx_fast,
+    "metal": kda_metal,  # our kernels (metal/*.metal); falls back to ops off Metal or if unverified
 }
 KDA_PATHS = tuple(_PATHS)
 
@@ -44,26 +44,30 @@ def set_kda_path(name: str | None) -> None:
     _forced = None if name is None else _check(name, "set_kda_path")
 
 
-def _auto_path(seq_len: int) -> str:
+def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
     """Fastest measured path for this device and sequence length."""
     if mx.metal.is_available():
-        # mx.fast is MLX's fused Metal kernel: the right choice for decode, and for prefill
-        # until the chunked path is benchmarked on a Mac (bench/bench_kda.py).
+        # Our kernels once their one-time self-check against kda_naive passed for this shape
+        # (metal_ready warns once and says False otherwise, or in KIMI_MLX_KERNELS=ops mode);
+        # else mx.fast, MLX's fused kernel.
+        if shape is not None and metal_ready(*shape):
+            return "metal"
         return "mx_fast"
     return "chunked" if seq_len >= CPU_CHUNKED_MIN_T else "mx_fast"
 
 
-def get_kda_path(seq_len: int | None = None) -> str:
+def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
     """The path kda_update uses for `seq_len` tokens when no `path` argument is given.
 
     With seq_len None: the forced path (set_kda_path, then the env var), or "auto".
+    shape = (H, Dk, Dv, q dtype, v dtype) lets auto choose the Metal kernels.
     """
     if _forced is not None:
         return _forced
     env = os.environ.get(ENV_VAR)
     if env:
         return _check(env, f"${ENV_VAR}")
-    return "auto" if seq_len is None else _auto_path(seq_len)
+    return "auto" if seq_len is None else _auto_path(seq_len, shape)
 
 
 def kda_update(q, k, v, g, beta, state=None, path: str | None = None):
@@ -71,5 +75,7 @@ def kda_update(q, k, v, g, beta, state=None, path: str | None = None):
 
     Returns (o [B, T, H, Dv] in v.dtype, state [B, H, Dv, Dk] float32).
     """
-    name = _check(path, "path argument") if path is not None else get_kda_path(k.shape[1])
+    _, T, H, Dk = k.shape
+    shape = (H, Dk, v.shape[-1], q.dtype, v.dtype)
+    name = _check(path, "path argument") if path is not None else get_kda_path(T, shape)
     return _PATHS[name](q, k, v, g, beta, state)
