@@ -84,6 +84,29 @@ def chat(
     raise typer.Exit(code)
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint: a local folder or a hub repo id (org/name)"),
+    dst: str = typer.Argument(..., help="Output folder (built as DST.partial, renamed when complete)"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight (default 4; mxfp8: 8)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization group (default 64; mxfp4/mxfp8: 32)"),
+    q_mode: str = typer.Option("affine", "--q-mode", help="affine, mxfp4, mxfp8 or nvfp4"),
+    recipe: str = typer.Option("uniform", "--recipe",
+                               help="uniform: all layers at --bits; mixed: routed experts at --bits, the rest 8-bit"),
+    quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="--no-quantize keeps bf16 (or --dtype)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 for unquantized tensors"),
+    max_shard_gb: float = typer.Option(5.0, "--max-shard-gb", help="Largest output shard, in GB"),
+    force: bool = typer.Option(False, "--force", help="Overwrite DST if it exists"),
+    report: bool = typer.Option(False, "--report", help="Then compare with the source: top-1 agreement and KL"),
+):
+    """Convert a Kimi-Linear checkpoint to MLX: quantized, sharded; resumes an interrupted run."""
+    from convert import ConvertOptions, run_convert
+
+    options = ConvertOptions(quantize=quantize, bits=bits, group_size=group_size, mode=q_mode, recipe=recipe,
+                             dtype=dtype, max_shard_gb=max_shard_gb)
+    _run(run_convert, src, dst, options=options, force=force, report=report)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv)
 

@@ -1,0 +1,354 @@
+"""kimi-mlx convert on the tiny transformers reference checkpoint (original Moonshot layout).
+
+Contract under test:
+    convert_checkpoint(src, dst, ConvertOptions(...), force=False) -> Summary
+    - float32 without quantization reproduces the transformers logits (max abs 1e-3, as test_parity);
+    - 4-bit output loads in kimi_mlx.load_model and in mlx-lm with the same logits;
+    - every bad input is one KimiError line naming the file, and no DST is left behind;
+    - an interrupted run resumes to byte-identical files.
+Tolerance for ours vs mlx-lm on the same quantized weights: mlx-lm's kv_a_layernorm uses eps 1e-5,
+ours (as the reference) 1e-6. As loaded, 1e-3 max abs covers that (measured ~1e-4); with mlx-lm's
+eps set to 1e-6 the two agree to 1e-4 (only op-order noise left).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from convert import ConvertOptions, compare_models, convert_checkpoint, pipeline, plan, writer  # noqa: E402
+from kimi_mlx import KimiError, load_model  # noqa: E402
+
+Q4 = ConvertOptions(bits=4, group_size=32)  # the tiny dims (64, 96, 32) divide 32, not all 64
+FP32 = ConvertOptions(quantize=False, dtype="float32")
+TINY_SHARD_GB = 5e-5  # 50 KB: the 4-bit tiny model (330 KB) becomes ~7 shards
+
+
+def run(src, dst, options=Q4, log=lambda message: None, **kwargs):
+    return convert_checkpoint(src, dst, options, log=log, **kwargs)
+
+
+def logits(model, ids) -> np.ndarray:
+    return np.array(model(mx.array(np.asarray(ids, dtype=np.int32))).astype(mx.float32))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def reshard(src: Path, dst: Path, n: int) -> Path:
+    """The same tensors as `src`, in n shards plus an index (as the hub stores them)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    weights = mx.load(str(src / "model.safetensors"))
+    names, weight_map = sorted(weights), {}
+    for i, part in enumerate(np.array_split(np.arange(len(names)), n)):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        mx.save_safetensors(str(dst / fname), {names[j]: weights[names[j]] for j in part})
+        weight_map.update({names[j]: fname for j in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def out(ref32, tmp_path_factory):
+    """Factory name -> converted folder of ref32 with those options, memoised for the module."""
+    made = {}
+
+    def get(name: str, options: ConvertOptions):
+        if name not in made:
+            made[name] = run(ref32.folder, tmp_path_factory.mktemp("out") / name, options).dst
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def sharded(ref32, tmp_path_factory):
+    return reshard(ref32.folder, tmp_path_factory.mktemp("sharded") / "src", 3)
+
+
+def mlx_lm_model(folder: Path, eps: float | None = None):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, _ = mlx_lm_load(Path(folder))
+    for layer in model.layers:
+        if eps is not None and not layer.is_linear:
+            layer.self_attn.kv_a_layernorm.eps = eps
+    return model
+
+
+# ------------------------------------------------------------------------------ correctness
+
+
+def test_float32_conversion_matches_reference(ref32, out):
+    ids = ref32.tokens(64)
+    got = logits(load_model(out("fp32", FP32)), ids)
+    err = np.abs(got - ref32.logits(ids)).max()
+    assert err <= 1e-3, f"max |converted - transformers| = {err:.3g}"
+
+
+def test_4bit_loads_in_kimi_mlx_and_mlx_lm_with_same_logits(ref32, out):
+    folder = out("q4", Q4)
+    ids = ref32.tokens(32)
+    ours = logits(load_model(folder), ids)
+    assert np.abs(ours - logits(mlx_lm_model(folder), ids)).max() <= 1e-3
+    assert np.abs(ours - logits(mlx_lm_model(folder, eps=1e-6), ids)).max() <= 1e-4
+
+
+def test_4bit_layout_and_config_block(out):
+    folder = out("q4", Q4)
+    config = json.loads((folder / "config.json").read_text())
+    q = config["quantization"]
+    assert q == config["quantization_config"]
+    assert (q["group_size"], q["bits"], q["mode"]) == (32, 4, "affine")
+    assert q["model.layers.1.mlp.gate"] == {"group_size": 64, "bits": 8}  # mlx-lm's router convention
+    w = mx.load(str(folder / "model.safetensors"))
+    assert "model.layers.1.mlp.switch_mlp.gate_proj.scales" in w  # experts stacked and quantized
+    assert w["model.layers.1.mlp.switch_mlp.down_proj.weight"].shape == (8, 64, 32 * 4 // 32)
+    assert "model.layers.3.self_attn.embed_q.scales" not in w  # input dim 16: not a multiple of 32
+    for name in ("model.layers.0.self_attn.A_log", "model.layers.0.self_attn.dt_bias",
+                 "model.layers.1.mlp.e_score_correction_bias", "model.layers.0.input_layernorm.weight",
+                 "model.layers.0.self_attn.q_conv.conv.weight"):
+        assert w[name].dtype == mx.float32 and f"{name.rsplit('.', 1)[0]}.scales" not in w, name
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(w)
+
+
+@pytest.mark.parametrize("name, options, check", [
+    ("mixed", ConvertOptions(bits=4, group_size=32, recipe="mixed"),
+     lambda q: q["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 8}
+     and "model.layers.1.mlp.switch_mlp.gate_proj" not in q),
+    ("mxfp4", ConvertOptions(mode="mxfp4"), lambda q: (q["mode"], q["group_size"]) == ("mxfp4", 32)),
+])
+def test_other_recipes_load_in_both(ref32, out, name, options, check):
+    folder = out(name, options)
+    assert check(json.loads((folder / "config.json").read_text())["quantization"])
+    ids = ref32.tokens(16)
+    assert np.abs(logits(load_model(folder), ids) - logits(mlx_lm_model(folder, eps=1e-6), ids)).max() <= 1e-4
+
+
+def test_sharded_source_and_small_chunks_give_identical_shards(ref32, sharded, out, tmp_path, monkeypatch):
+    """Source sharding and the streaming granularity (expert chunks, row blocks) change no byte."""
+    want = files(out("q4", Q4))
+    monkeypatch.setattr(plan, "CHUNK_BYTES", 4096)  # one expert per chunk, embeddings in row blocks
+    got = files(run(sharded, tmp_path / "dst").dst)
+    assert want.keys() == got.keys()
+    assert all(want[k] == got[k] for k in want if k != "README.md")  # the card names the source folder
+
+
+def test_report_scores_identical_weights_perfectly(ref32, out):
+    rows = compare_models(ref32.folder, [out("fp32", FP32), out("q4", Q4)], n_tokens=64)
+    assert rows[0].top1 == 1.0 and rows[0].kl_mean < 1e-6
+    assert rows[1].label.startswith("4-bit affine g32, uniform") and rows[1].kl_mean > rows[0].kl_mean
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_interrupted_conversion_resumes_byte_identical(ref32, tmp_path, monkeypatch):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    want = files(run(ref32.folder, tmp_path / "clean", options).dst)
+    assert sum(n.endswith(".safetensors") for n in want) >= 3
+
+    calls, real_write = [0], writer.ShardWriter.write
+
+    def dies_in_third_shard(self, piece):
+        if self.path.name.startswith("model-00003"):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt  # like Ctrl-C or a kill mid-shard
+        real_write(self, piece)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", dies_in_third_shard)
+    dst = tmp_path / "dst"
+    with pytest.raises(KeyboardInterrupt):
+        run(ref32.folder, dst, options)
+    monkeypatch.undo()
+    partial = tmp_path / "dst.partial"
+    assert not dst.exists()
+    progress = json.loads((partial / "convert-progress.json").read_text())
+    assert sorted(progress["shards"]) == [n for n in sorted(want) if n.startswith(("model-00001", "model-00002"))]
+    assert (partial / f"{next(n for n in want if n.startswith('model-00003'))}.tmp").exists()
+
+    # A completed shard damaged on disk is found by its hash and written again.
+    first = partial / next(n for n in sorted(want) if n.startswith("model-00001"))
+    first.write_bytes(first.read_bytes()[:-1] + b"\x01")
+    messages = []
+    run(ref32.folder, dst, options, log=messages.append)
+    assert any("1 of" in m and "already complete" in m for m in messages), messages
+    assert files(dst) == want
+    assert not partial.exists()
+
+
+def test_disk_full_mid_write_is_one_line_and_resumable(ref32, tmp_path, monkeypatch):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    real_write = writer.ShardWriter.write
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.f.close()
+
+    def full(self, piece):
+        if self.path.name.startswith("model-00002") and not isinstance(self.f, FullDisk):
+            self.f = FullDisk(self.f)  # the file system refuses from the second shard on
+        real_write(self, piece)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", full)
+    with pytest.raises(KimiError, match=r"model-00002-of-\d+\.safetensors\.tmp: disk full; .* resume"):
+        run(ref32.folder, tmp_path / "dst", options)
+    monkeypatch.undo()
+    assert not (tmp_path / "dst").exists()
+    run(ref32.folder, tmp_path / "dst", options)
+    assert files(tmp_path / "dst") == files(run(ref32.folder, tmp_path / "clean", options).dst)
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def corrupt(kind: str, src: Path, dst: Path) -> Path:
+    folder = reshard(src, dst, 3)
+    shard = folder / "model-00002-of-00003.safetensors"
+    index = folder / "model.safetensors.index.json"
+    config = json.loads((folder / "config.json").read_text())
+    if kind == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif kind == "garbage":
+        shard.write_bytes(b"\xff" * 64)
+    elif kind == "missing_shard":
+        shard.unlink()
+    elif kind in ("missing_tensor", "missing_expert"):
+        name = ("model.layers.0.self_attn.b_proj.weight" if kind == "missing_tensor"
+                else "model.layers.2.block_sparse_moe.experts.5.w3.weight")
+        data = json.loads(index.read_text())
+        fname = data["weight_map"].pop(name)
+        index.write_text(json.dumps(data))
+        rest = {k: v for k, v in mx.load(str(folder / fname)).items() if k != name}
+        mx.save_safetensors(str(folder / fname), rest)
+    elif kind == "index_lies":
+        data = json.loads(index.read_text())
+        name = next(k for k, v in data["weight_map"].items() if v == shard.name)
+        data["weight_map"][name] = "model-00001-of-00003.safetensors"
+        index.write_text(json.dumps(data))
+    elif kind == "other_model":
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    return folder
+
+
+BAD = {
+    "truncated": r"model-00002-of-00003\.safetensors: truncated",
+    "garbage": r"model-00002-of-00003\.safetensors: not a valid safetensors file",
+    "missing_shard": r"model-00002-of-00003\.safetensors: listed in model\.safetensors\.index\.json but missing",
+    "missing_tensor": r"src: tensor model\.layers\.0\.self_attn\.b_proj\.weight is missing",
+    "missing_expert": r"index\.json: model\.layers\.2\.block_sparse_moe\.experts\.5\.w3\.weight: expected 8 experts",
+    "index_lies": r"model-00001-of-00003\.safetensors: tensor .* \(listed in model\.safetensors\.index\.json\) is not",
+    "other_model": r"config\.json: model_type is 'llama'",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_source_is_one_line_naming_the_file(ref32, tmp_path, kind):
+    src = corrupt(kind, ref32.folder, tmp_path / "src")
+    with pytest.raises(KimiError, match=BAD[kind]) as e:
+        run(src, tmp_path / "dst")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_quantized_source_is_refused(out, tmp_path):
+    with pytest.raises(KimiError, match="already quantized"):
+        run(out("q4", Q4), tmp_path / "dst")
+
+
+def test_existing_dst_needs_force(ref32, out, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(KimiError, match=r"dst: already exists; pass --force"):
+        run(ref32.folder, dst)
+    assert (dst / "keep.txt").exists()
+    run(ref32.folder, dst, force=True)
+    assert files(dst) == files(out("q4", Q4))
+    with pytest.raises(KimiError, match="would overwrite the source"):
+        run(ref32.folder, ref32.folder, force=True)
+
+
+def test_not_enough_disk_is_refused_before_writing(ref32, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(KimiError, match=r"not enough free disk for the output: .* needed, 1.00 KB free"):
+        run(ref32.folder, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
+
+
+def test_hub_repo_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KimiError, match=r"^nobody/no-such-kimi: (not in the local cache|no such repository)"):
+        run("nobody/no-such-kimi", tmp_path / "dst")
+
+
+def test_hub_repo_from_the_cache_names_repo_and_revision(ref32, out, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-kimi"
+    shutil.copytree(ref32.folder, repo / "snapshots" / commit)
+    tokenizer = {"tiktoken.model": "YQ== 0\n", "tokenizer_config.json": "{}", "chat_template.jinja": "{{ x }}",
+                 "tokenization_kimi.py": "# code\n"}
+    for name, text in tokenizer.items():
+        (repo / "snapshots" / commit / name).write_text(text)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    dst = run("someone/tiny-kimi", tmp_path / "dst").dst
+    card = (dst / "README.md").read_text()
+    assert "base_model: someone/tiny-kimi" in card and f"revision `{commit}`" in card
+    assert all((dst / name).read_text() == text for name, text in tokenizer.items())
+    assert "no tokenizer files" not in card
+    assert (dst / "model.safetensors").read_bytes() == (out("q4", Q4) / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("options, message", [
+    (ConvertOptions(mode="mxfp4", group_size=64), "mxfp4 is 4-bit with group size 32 only"),
+    (ConvertOptions(recipe="fancy"), "--recipe fancy"),
+    (ConvertOptions(bits=7), "--bits 7"),
+    (ConvertOptions(quantize=False, dtype="float64"), "--dtype float64"),
+])
+def test_bad_options(ref32, tmp_path, options, message):
+    with pytest.raises(KimiError, match=message):
+        run(ref32.folder, tmp_path / "dst", options)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_convert_report_and_error(ref32, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["convert", str(ref32.folder), str(tmp_path / "dst"), "--no-quantize",
+                             "--dtype", "float32", "--report"])
+    assert ok.exit_code == 0, ok.output
+    assert "bits per weight" in ok.stdout
+    assert "top-1 agreement 100.0%" in ok.stdout
+    again = runner.invoke(app, ["convert", str(ref32.folder), str(tmp_path / "dst")])
+    assert again.exit_code == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ") and "pass --force" in again.stderr
