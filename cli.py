@@ -107,6 +107,14 @@ def convert(
     _run(run_convert, src, dst, options=options, force=force, report=report)
 
 
+@app.command()
+def doctor():
+    """Device, versions, memory, and the self-check and speed of each KDA kernel (paste it in bug reports)."""
+    from kimi_mlx.doctor import report
+
+    typer.echo(_run(report))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv)
 

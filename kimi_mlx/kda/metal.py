@@ -307,6 +307,12 @@ def _problem(H: int, Dk: int, Dv: int, qk_dtype, v_dtype) -> str | None:
     return None if problem is None else f"self-check failed: {problem}"
 
 
+def kernel_status(H: int, Dk: int, Dv: int, qk_dtype=mx.float32, v_dtype=mx.float32) -> str | None:
+    """None when the kernels passed their self-check for this configuration, else why not
+    (for `kimi-mlx doctor`; runs the self-check once, like kda_metal, but never warns)."""
+    return _problem(H, Dk, Dv, qk_dtype, v_dtype)
+
+
 def metal_ready(H: int, Dk: int, Dv: int, qk_dtype=mx.float32, v_dtype=mx.float32) -> bool:
     """True when kda_metal would run the kernels for these sizes (runs the self-check once).
 

@@ -1,0 +1,53 @@
+"""`kimi-mlx doctor` on this CPU machine, and (through the CPU emulator) as it runs on a Mac."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from typer.testing import CliRunner
+
+from cli import app
+from kimi_mlx import doctor
+from kimi_mlx.kda import metal
+
+sys.path.insert(0, str(Path(__file__).parent))
+from metal_emu import emulate  # noqa: E402
+
+
+def test_doctor_on_cpu_says_ops_paths_are_used(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"mlx {mx.__version__}" in out and "memory" in out
+    assert "Metal not available: the MLX ops paths are in use" in out
+    assert "chunked  vs naive: relative error" in out and "FAILED" not in out
+
+
+def test_doctor_reports_kernel_self_check_and_speed_on_metal(monkeypatch):
+    """With the emulator standing in for the GPU: a self-check line per dtype and a timing line."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(doctor, "REAL_SHAPE", (2, 32, 32))
+    monkeypatch.setattr(doctor, "PREFILL_T", 65)
+    monkeypatch.delenv(metal.ENV_VAR, raising=False)
+    metal._use_backend(metal.MetalKDA(emulate.kernel_factory("free")), available=True)
+    try:
+        lines = doctor.kernel_report()
+    finally:
+        metal._use_backend(None)
+    text = "\n".join(lines)
+    assert "H=2 D=32 mlx.core.float32: self-check passed" in text
+    assert "decode step: kernels" in text and "prefill 65: kernels" in text and "mx.fast" in text
+
+
+def test_doctor_shows_a_failing_kernel(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(doctor, "REAL_SHAPE", (2, 32, 32))
+    monkeypatch.delenv(metal.ENV_VAR, raising=False)
+    broken = emulate.kernel_factory("free", edit=lambda name, src: src.replace("- kv * rk", "+ kv * rk"))
+    metal._use_backend(metal.MetalKDA(broken), available=True)
+    try:
+        text = "\n".join(doctor.kernel_report())
+    finally:
+        metal._use_backend(None)
+    assert "self-check failed" in text and "timing" not in text and "decode step" not in text
