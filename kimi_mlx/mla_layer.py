@@ -6,10 +6,15 @@ kv_b_proj is stored split (mlx-lm names): embed_q [H, R, Dn] maps c to per-head 
 unembed_out [H, Dv, R] maps c to per-head values.
 
 Two equivalent forms of  softmax(q_n.k_n + q_r.k_r) v  with scale (Dn+Dr)^-0.5:
-- absorbed (decode, few queries): q_lat = q_n W_k^T, attend over the latent directly, then W_v.
-  Never expands per-head K/V over the S cached tokens.
-- expanded (prefill, many queries): expand K/V for the S tokens once, then regular attention;
-  cheaper when T queries share the expansion.
+- absorbed: q_lat = q_n W_k^T per head; scores against the [S, R+P] latent, output in the latent
+  space, then W_v. Costs (R+P) + R = 1088 multiply-adds per head, query and key.
+- expanded: per-head K/V of a key block, then regular attention: (Dn+Dr) + Dv = 320 per head,
+  query and key, plus R * (Dn+Dv) = 131072 per head and key to expand, shared by the T queries.
+  Cheaper once T is large (one prefill step), never needed for decode.
+Either way the keys are visited in blocks with an online softmax (flash-attention style), so a
+step holds one [B, H, T, block] score matrix and one expanded block, never anything of size S:
+prefill memory does not grow with the context beyond the latent cache itself. Quantized caches
+(kv_bits 8/4) are read with quantized matmuls (absorbed) or dequantized a block at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from .cache import LatentCache
 from .config import ModelArgs
 
 KV_NORM_EPS = 1e-6  # the reference's kv_a_layernorm is built without eps, so its default 1e-6 applies
-ABSORB_MAX_QUERIES = 16  # up to this many new tokens per call use the absorbed form
+# Steps of more queries than this use the expanded form: measured on CPU (bench/bench_long_context.py
+# --forms); the multiply-add count alone puts the crossover at R(Dn+Dv) / (2R+P - (Dn+Dr+Dv)) = 171.
+ABSORB_MAX_QUERIES = 128
+SCORE_BLOCK_BYTES = 64 << 20  # fp32 scores of one key block [B, H, T, block]: this, rounded to 2^k keys
+MIN_KEY_BLOCK = 256
+MASKED = -1e30  # finite, so a fully masked block never makes NaN in the online softmax
 
 
 class MLAttention(nn.Module):
@@ -45,39 +55,110 @@ class MLAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: LatentCache | None = None):
         """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None."""
         B, T, _ = x.shape
-        H, R = self.num_heads, self.rank
-        q = self.q_proj(x).reshape(B, T, H, -1).transpose(0, 2, 1, 3)  # [B, H, T, Dn+Dr]
-        q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
-
+        R = self.rank
+        q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, Dn+Dr]
         kv = self.kv_a_proj_with_mqa(x)  # [B, T, R+Dr]
         latent = mx.concatenate([self.kv_a_layernorm(kv[..., :R]), kv[..., R:]], axis=-1)
-        offset = 0 if cache is None else cache.offset
-        if cache is not None:
-            latent, keys_valid = cache.update_and_fetch(latent, mask)  # [B, S, R+Dr], [B, S]
-        else:
-            keys_valid = None if mask is None else mask.astype(mx.bool_)
-        S = latent.shape[1]
-        attn_mask = self._mask(T, S, offset, keys_valid)  # [B|1, 1, T, S] bool
-        latent = latent[:, None]  # [B, 1, S, R+Dr]: one shared "KV head"
-        c = latent[..., :R]  # [B, 1, S, R]
-
-        if T <= ABSORB_MAX_QUERIES:
-            q_lat = self.embed_q(q_nope)  # [B, H, T, R]
-            q_cat = mx.concatenate([q_lat, q_rope], axis=-1)  # [B, H, T, R+Dr]
-            o = mx.fast.scaled_dot_product_attention(q_cat, latent, c, scale=self.scale, mask=attn_mask)
-            o = self.unembed_out(o)  # [B, H, T, Dv]
-        else:
-            k_nope = self.embed_q(c, transpose=False)  # [B, H, S, Dn]
-            k_rope = mx.broadcast_to(latent[..., R:], (B, H, S, self.rope_dim))
-            k = mx.concatenate([k_nope, k_rope], axis=-1)  # [B, H, S, Dn+Dr]
-            v = self.unembed_out(c)  # [B, H, S, Dv]
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=attn_mask)
+        if cache is None:
+            cache = LatentCache()  # this call's own tokens only
+        offset = cache.offset
+        cache.update(latent, mask)  # the step attends to its own tokens as cached (maybe quantized)
+        blocks = _key_blocks(cache.segments(), _block_size(B * self.num_heads * T))
+        attend = self._absorbed if T <= ABSORB_MAX_QUERIES else self._expanded
+        o = attend(q, cache).attend(blocks, offset, cache.keys_valid)  # [B, H, T, Dv]
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
-    @staticmethod
-    def _mask(T: int, S: int, offset: int, keys_valid: mx.array | None) -> mx.array:
-        """Causal (query i sits at position offset+i) and key-padding mask, True = attend."""
-        causal = (mx.arange(T)[:, None] + offset) >= mx.arange(S)[None]  # [T, S]
-        if keys_valid is None:
-            return causal
-        return causal[None, None] & keys_valid[:, None, None, :]  # [B, 1, T, S]
+    def _absorbed(self, q: mx.array, cache: LatentCache) -> "_Attention":
+        """Scores and output in the latent space: q_lat = q_n W_k^T, then W_v on the result."""
+        B, H, T, _ = q.shape
+        R, bits, group = self.rank, cache.kv_bits, cache.group_size
+        q_lat = self.embed_q(q[..., : self.nope_dim])  # [B, H, T, R]
+        q_cat = (mx.concatenate([q_lat, q[..., self.nope_dim:]], axis=-1) * self.scale).reshape(B, H * T, -1)
+
+        def block(arrays):  # one GEMM for all heads: [B, H*T, R+Dr] x [B, n, R+Dr]^T
+            if bits is None:
+                lat = arrays[0]
+                s = q_cat @ lat.swapaxes(1, 2)
+                pv = lambda p: p.astype(lat.dtype) @ lat[..., :R]  # noqa: E731 (values = first R columns)
+            else:
+                w, sc, bi = arrays
+                s = mx.quantized_matmul(q_cat, w, sc, bi, transpose=True, group_size=group, bits=bits)
+                pv = lambda p: mx.quantized_matmul(  # noqa: E731 (the first R // group groups)
+                    p.astype(sc.dtype), w[..., : R * bits // 32], sc[..., : R // group], bi[..., : R // group],
+                    transpose=False, group_size=group, bits=bits)
+            return s.reshape(B, H, T, -1), lambda p: pv(p.reshape(B, H * T, -1)).reshape(B, H, T, R)
+
+        return _Attention(block, (B, H, T), lambda o: self.unembed_out(o.astype(q.dtype)))
+
+    def _expanded(self, q: mx.array, cache: LatentCache) -> "_Attention":
+        """Per-head keys and values of one key block at a time, then regular attention."""
+        B, H, T, _ = q.shape
+        R = self.rank
+        q = q * self.scale
+
+        def block(arrays):
+            lat = cache.dequantize(arrays)[:, None]  # [B, 1, n, R+Dr]
+            k_rope = mx.broadcast_to(lat[..., R:], (B, H, lat.shape[2], self.rope_dim))
+            k = mx.concatenate([self.embed_q(lat[..., :R], transpose=False), k_rope], axis=-1)  # [B, H, n, Dn+Dr]
+            v = self.unembed_out(lat[..., :R])  # [B, H, n, Dv]
+            return q @ k.swapaxes(-1, -2), lambda p: p.astype(v.dtype) @ v
+
+        return _Attention(block, (B, H, T), lambda o: o.astype(q.dtype))
+
+
+class _Attention:
+    """softmax(scores) @ values over key blocks, one block at a time (online softmax, fp32).
+
+    block(arrays) -> (scores [B, H, T, n] scaled, pv(p) -> p @ V [B, H, T, D]); finish maps the
+    normalised fp32 output to the layer's [B, H, T, Dv]. Query i sits at position offset + i and
+    sees the keys at positions <= its own that are valid (keys_valid [B, S], False = left padding).
+    """
+
+    def __init__(self, block, shape, finish):
+        self.block, self.shape, self.finish = block, shape, finish
+
+    def attend(self, blocks, offset: int, keys_valid: mx.array | None) -> mx.array:
+        T = self.shape[2]
+        m = l = acc = None
+        for k0, arrays in blocks:
+            n = arrays[0].shape[1]
+            s, pv = self.block(arrays)
+            s = s.astype(mx.float32)
+            keep = None
+            if k0 + n - 1 > offset:  # a key later than the first query: causal mask
+                keep = mx.arange(offset, offset + T)[:, None] >= mx.arange(k0, k0 + n)[None]  # [T, n]
+            if keys_valid is not None:
+                valid = keys_valid[:, None, None, k0:k0 + n]  # [B, 1, 1, n]
+                keep = valid if keep is None else keep & valid
+            if keep is not None:
+                s = mx.where(keep, s, MASKED)
+            block_max = s.max(axis=-1, keepdims=True)
+            if m is None:
+                m = block_max
+                p = mx.exp(s - m)
+                l, acc = p.sum(axis=-1, keepdims=True), pv(p).astype(mx.float32)
+                continue
+            m_new = mx.maximum(m, block_max)
+            p = mx.exp(s - m_new)
+            correction = mx.exp(m - m_new)
+            l = l * correction + p.sum(axis=-1, keepdims=True)
+            acc = acc * correction + pv(p).astype(mx.float32)
+            m = m_new
+        return self.finish(acc / l)
+
+
+def _block_size(rows: int) -> int:
+    """Keys per block: fp32 scores of `rows` query rows within SCORE_BLOCK_BYTES, a power of two
+    (so blocks start at the same positions whatever the page layout: reloaded caches are bit-exact)."""
+    keys = max(MIN_KEY_BLOCK, SCORE_BLOCK_BYTES // (4 * rows))
+    return min(1 << (keys.bit_length() - 1), LatentCache.page_size)
+
+
+def _key_blocks(segments, block: int):
+    """Split cache pages into key blocks: [(first key position, arrays [B, n, ...])]."""
+    out = []
+    for start, arrays in segments:
+        n = arrays[0].shape[1]
+        for b0 in range(0, n, block):
+            out.append((start + b0, tuple(a[:, b0:b0 + block] for a in arrays) if n > block else arrays))
+    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KDACache, LatentCache
+from .cache import KDACache, LatentCache, make_cache
 from .config import ModelArgs
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import MLAttention
@@ -74,5 +74,6 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self) -> list[KDACache | LatentCache]:
-        return [KDACache() if layer.is_kda else LatentCache() for layer in self.layers]
+    def make_cache(self, kv_bits: int | None = None) -> list[KDACache | LatentCache]:
+        """One cache per layer; MLA latents kept at kv_bits (None/16 = activation dtype, 8 or 4)."""
+        return make_cache(self, kv_bits)
