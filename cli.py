@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+KV_BITS_HELP = "Latent (MLA) cache precision: 16 (default), 8 or 4 bits"
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Kimi-Linear-48B-A3B with MLX.")
 
 
@@ -49,6 +51,9 @@ def generate(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory after the text"),
+    prompt_cache: Optional[str] = typer.Option(
+        None, "--prompt-cache", help="Continue a file from cache-prompt: the prompt follows its text"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
     from kimi_mlx.cli_commands import run_generate
@@ -57,7 +62,7 @@ def generate(
         run_generate, model, prompt, prompt_file, raw=raw, system=system, max_tokens=max_tokens,
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed),
-        verbose=verbose,
+        verbose=verbose, prompt_cache=prompt_cache, kv_bits=kv_bits,
     )
 
 
@@ -72,6 +77,9 @@ def chat(
     min_p: float = typer.Option(0.0, "--min-p"),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    prompt_cache: Optional[str] = typer.Option(
+        None, "--prompt-cache", help="Start from a file from cache-prompt: your first message follows its text"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
 ):
     """Chat in the terminal (/undo /retry /reset /system /save /load /quit); Ctrl-C stops a reply."""
     from kimi_mlx.chat import run_chat
@@ -80,8 +88,27 @@ def chat(
         run_chat, model, system=system, max_tokens=max_tokens,
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed),
+        prompt_cache=prompt_cache, kv_bits=kv_bits,
     )
     raise typer.Exit(code)
+
+
+@app.command("cache-prompt")
+def cache_prompt(
+    out: str = typer.Argument(..., help="The prompt cache file to write (safetensors)"),
+    model: str = typer.Option("demo", "--model", "-m", help="Model folder, hub repo id, or 'demo'"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to cache"),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the text to cache from a file"),
+    system: Optional[str] = typer.Option(None, "--system", help="System message before the cached text"),
+    raw: bool = typer.Option(False, "--raw", help="Cache the text as is, without the chat template"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Tokens per prefill step (default 512)"),
+):
+    """Prefill a long prompt once and save the model state; generate/chat --prompt-cache continue it."""
+    from kimi_mlx.cli_commands import run_cache_prompt
+
+    _run(run_cache_prompt, model, prompt, prompt_file, out, system=system, raw=raw, kv_bits=kv_bits,
+         prefill_step=prefill_step)
 
 
 @app.command()
@@ -113,6 +140,26 @@ def doctor():
     from kimi_mlx.doctor import report
 
     typer.echo(_run(report))
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("demo", "--model", "-m", help="Model folder (config.json is enough), hub repo id, or 'demo'"),
+    context: int = typer.Option(..., "--context", "-c", help="Tokens to hold: prompt + reply"),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory to plan for, in GiB (default: this machine's)"),
+    kv_bits: int = typer.Option(16, "--kv-bits", help="Latent cache precision: 16, 8 or 4"),
+    prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Tokens per prefill step (default 512)"),
+    batch: int = typer.Option(1, "--batch", help="Sequences at once"),
+):
+    """Memory plan: weights, KDA states, latent cache and prefill activations against the memory; exit 1 if it does not fit."""
+    from kimi_mlx.plan import plan_for_path
+
+    memory = None if memory_gb is None else int(memory_gb * 2**30)
+    result = _run(plan_for_path, model, context, kv_bits=kv_bits, prefill_step=prefill_step, batch=batch,
+                  memory_bytes=memory)
+    typer.echo(result.format())
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

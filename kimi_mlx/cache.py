@@ -11,7 +11,8 @@ Layouts (owned here):
   unused rows of the last page, which grows by doubling from `step` rows).
   With kv_bits 8 or 4 a page holds mx.quantize(latent, group_size=64) instead: packed words
   [B, n, W * bits / 32] uint32, scales and biases [B, n, W / 64] in the activation dtype
-  (576 = 9 groups of 64; the first 8 groups are the 512-wide value part).
+  (576 = 9 groups of 64; the first 8 groups are the 512-wide value part). A width that is not
+  a whole number of groups is zero-padded to one (the demo model's 64 + 16).
   LatentCache.key_mask: [B, S_alloc] bool (False for left padding), only when a padded batch was seen.
 
 Both expose `state` / `meta_state` (lists of arrays / strings) so a cache round-trips through
@@ -23,6 +24,8 @@ share them: writing to one cache copies at most the page being written.
 from __future__ import annotations
 
 import mlx.core as mx
+
+from .errors import KimiError
 
 KV_BITS = (16, 8, 4)  # latent cache precision: 16 = the activation dtype, unquantized
 KV_GROUP_SIZE = 64
@@ -73,21 +76,23 @@ class LatentCache:
         if kv_bits == 16:
             kv_bits = None
         if kv_bits not in (None, 8, 4):
-            raise ValueError(f"kv_bits {kv_bits}: the latent cache takes {KV_BITS}")
+            raise KimiError(f"kv_bits {kv_bits}: the latent cache takes 16, 8 or 4 bits")
         self.kv_bits, self.group_size = kv_bits, group_size
         self.pages: list[tuple[mx.array, ...]] = []  # sealed pages: (latent,) or (packed, scales, biases)
         self.tail: tuple[mx.array, ...] | None = None  # the page being written, [B, capacity, ...] each
         self.tail_used = 0
         self.key_mask: mx.array | None = None  # [B, S_alloc] bool, None = no padding seen
         self.offset = 0
+        self.width: int | None = None  # R + P; quantized pages hold it zero-padded to whole groups
 
     # ---- writing
 
     def update(self, latent: mx.array, key_mask: mx.array | None = None) -> None:
         """Append latent [B, T, R+P] (and its key mask [B, T], 0 = left padding)."""
         B, T, _ = latent.shape
+        self.width = latent.shape[-1]
         rows = (latent,) if self.kv_bits is None else tuple(
-            mx.quantize(latent, group_size=self.group_size, bits=self.kv_bits))
+            mx.quantize(self._pad(latent), group_size=self.group_size, bits=self.kv_bits))
         done = 0
         while done < T:
             if self.tail is not None and self.tail_used >= self.page_size:
@@ -149,11 +154,17 @@ class LatentCache:
         """[B, offset] bool (False = left padding), or None when no padding was seen."""
         return None if self.key_mask is None else self.key_mask[:, : self.offset]
 
+    def _pad(self, latent: mx.array) -> mx.array:
+        """Zero columns up to a multiple of the group size (quantization needs whole groups)."""
+        extra = -latent.shape[-1] % self.group_size
+        return latent if not extra else mx.pad(latent, [(0, 0), (0, 0), (0, extra)])
+
     def dequantize(self, arrays: tuple[mx.array, ...]) -> mx.array:
         """Page arrays -> latent [B, n, R+P] in the activation dtype."""
         if len(arrays) == 1:
             return arrays[0]
-        return mx.dequantize(*arrays, group_size=self.group_size, bits=self.kv_bits)
+        out = mx.dequantize(*arrays, group_size=self.group_size, bits=self.kv_bits)
+        return out if self.width is None else out[..., : self.width]
 
     def update_and_fetch(self, latent: mx.array, key_mask: mx.array | None = None):
         """Append, then return all S cached: ([B, S, R+P], [B, S] | None). A copy of the whole
@@ -204,7 +215,7 @@ class LatentCache:
 
     @property
     def meta_state(self) -> list[str]:
-        return [str(self.offset), str(self.kv_bits or 16), str(self.group_size)]
+        return [str(self.offset), str(self.kv_bits or 16), str(self.group_size), str(self.width or 0)]
 
     @meta_state.setter
     def meta_state(self, values: list[str]) -> None:
@@ -212,12 +223,13 @@ class LatentCache:
         if len(values) >= 3:  # files written before kv_bits existed carry the offset only
             bits = int(values[1])
             self.kv_bits, self.group_size = (None if bits == 16 else bits), int(values[2])
+        self.width = int(values[3]) or None if len(values) >= 4 else None
 
     def copy(self) -> "LatentCache":
         """A snapshot that shares the arrays (they are never written in place)."""
         new = LatentCache(self.kv_bits, self.group_size)
         new.pages, new.tail, new.tail_used = list(self.pages), self.tail, self.tail_used
-        new.key_mask, new.offset = self.key_mask, self.offset
+        new.key_mask, new.offset, new.width = self.key_mask, self.offset, self.width
         return new
 
 

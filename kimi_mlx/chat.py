@@ -13,7 +13,6 @@ be trimmed back, only restored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 import mlx.core as mx
-import numpy as np
 
 from .errors import KimiError
 from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, stream_generate
+from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
+                           save_state_file)
 
 FILE_FORMAT = "kimi-mlx-chat"
 FILE_VERSION = "1"
@@ -41,6 +41,7 @@ class _State:
     messages: list[dict]
     tokens: list[int]
     cache: list  # never mutated once it belongs to a state: turns work on copies
+    open_turn: str | None = None  # a prompt cache's user text, left open: the next message continues it
 
     @property
     def offset(self) -> int:
@@ -49,13 +50,6 @@ class _State:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for c in self.cache for a in c.state)
-
-
-def model_fingerprint(model) -> str:
-    """Identify a model by its config and final-norm weights (cheap, differs between checkpoints)."""
-    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
-    h.update(np.array(model.model.norm.weight.astype(mx.float32)).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _check_template_renders_turns_alone(tokenizer) -> None:
@@ -87,12 +81,12 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, *,
                  seed: int | None = None, model_name: str | None = None, prefill_step: int = DEFAULT_PREFILL_STEP,
-                 undo_memory: int = DEFAULT_UNDO_MEMORY, **sampling):
+                 undo_memory: int = DEFAULT_UNDO_MEMORY, kv_bits: int | None = None, **sampling):
         self.model, self.tokenizer = model, tokenizer
         if max_tokens < 1:
             raise KimiError(f"max_tokens is {max_tokens}; a reply needs at least 1 token")
         self.max_tokens, self.prefill_step, self.undo_memory = max_tokens, prefill_step, undo_memory
-        self.sampling = sampling
+        self.sampling, self.kv_bits = sampling, kv_bits
         self.model_name = model_name or "this model"
         self.fingerprint = model_fingerprint(model)
         self.im_end = tokenizer.token_to_id("<|im_end|>")
@@ -133,11 +127,19 @@ class ChatSession:
     def can_undo(self) -> bool:
         return bool(self._undo)
 
+    def restart(self) -> None:
+        """Back to the start: the prompt cache the session began from, else the system message."""
+        if self._opening is not None:
+            self.start_from(self._opening)
+        else:
+            self.reset(self.system)
+
     def reset(self, system: str | None = None) -> None:
         """Start over, with `system` as the system message (None: none)."""
         messages = [{"role": "system", "content": system}] if system else []
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False) if messages else []
-        self._state = _State(messages, list(ids), self.model.make_cache())
+        self._state = _State(messages, list(ids), self.model.make_cache(self.kv_bits))
+        self._opening: PromptCache | None = None
         self._undo: list[_State] = []
 
     def send(self, text: str) -> Iterator[GenerationResponse]:
@@ -158,6 +160,8 @@ class ChatSession:
             raise KimiError("nothing to retry")
         base = self._undo[-1]
         text = self.messages[len(base.messages)]["content"]
+        if base.open_turn is not None:  # the message recorded is the cached text + this one
+            text = text[len(base.open_turn) + len(SEPARATOR):]
         plan = self._plan(base, text)
         return self._turn(base, text, plan, lambda new: setattr(self, "_state", new))
 
@@ -176,7 +180,10 @@ class ChatSession:
     def _plan(self, base: _State, text: str) -> tuple[list[int], list[int], int]:
         """The turn's own ids, the ids it feeds (with any pending ones) and its reply budget;
         a message that cannot fit is refused."""
-        new = list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        if base.open_turn is None:
+            new = list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        else:
+            new = continue_open_turn(self.tokenizer, base.open_turn, text)
         feed = base.tokens[base.offset:] + new
         room = self.max_context - base.offset - len(feed) - 1  # keep one id for the closing <|im_end|>
         if room < 1:
@@ -204,7 +211,8 @@ class ChatSession:
                 tokens.append(self.im_end)
             self._feed_missing(cache, tokens)
             self.last_cut_by_context = r.finish_reason == "length" and max_tokens < self.max_tokens
-            messages = base.messages + [{"role": "user", "content": text}, {"role": "assistant", "content": reply_text}]
+            user = text if base.open_turn is None else base.open_turn + SEPARATOR + text
+            messages = base.messages + [{"role": "user", "content": user}, {"role": "assistant", "content": reply_text}]
             commit(_State(messages, tokens, cache))
             yield r
 
@@ -228,62 +236,28 @@ class ChatSession:
 
     def save(self, path: str | os.PathLike) -> None:
         """Conversation, ids and cache states in one safetensors file (written atomically)."""
-        path = Path(path)
-        arrays = {"tokens": mx.array(self.tokens, dtype=mx.int32)}
-        for i, c in enumerate(self.cache):
-            arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(c.state)})
-        metadata = {
-            "format": FILE_FORMAT, "version": FILE_VERSION,
-            "model": self.fingerprint, "model_name": self.model_name,
-            "messages": json.dumps(self.messages, ensure_ascii=False),
-            "cache_kinds": json.dumps([type(c).__name__ for c in self.cache]),
-            "cache_counts": json.dumps([len(c.state) for c in self.cache]),
-            "cache_meta": json.dumps([c.meta_state for c in self.cache]),
-        }
-        tmp = path.with_name(path.name + ".tmp.safetensors")  # MLX appends .safetensors otherwise
-        try:
-            mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise KimiError(f"{path}: cannot save the chat ({getattr(e, 'strerror', None) or e})") from None
-        finally:
-            tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
+        extra = {"messages": json.dumps(self.messages, ensure_ascii=False),
+                 "open_turn": json.dumps(self._state.open_turn, ensure_ascii=False)}
+        save_state_file(path, self.model, self.tokens, self.cache, FILE_FORMAT, self.model_name, extra)
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace the session with a saved one; the file must come from this model."""
-        path = Path(path)
-        if not path.is_file():
-            raise KimiError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        tokens, cache, meta = read_state_file(path, self.model, FILE_FORMAT, self.model_name,
+                                              "save one with /save")
         try:
-            arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise KimiError(f"{path}: not a readable safetensors file ({e})") from None
-        if meta.get("format") != FILE_FORMAT:
-            raise KimiError(f"{path}: not a kimi-mlx chat file (save one with /save)")
-        if meta.get("model") != self.fingerprint:
-            raise KimiError(
-                f"{path}: saved from another model ({meta.get('model_name', '?')}); "
-                f"{self.model_name} cannot continue it"
-            )
-        try:
-            state = self._read_state(arrays, meta)
-        except (KeyError, ValueError, TypeError, IndexError) as e:
+            messages, open_turn = json.loads(meta["messages"]), json.loads(meta.get("open_turn", "null"))
+        except (KeyError, json.JSONDecodeError) as e:
             raise KimiError(f"{path}: corrupt chat file ({type(e).__name__}: {e})") from None
-        self._state, self._undo = state, []
+        self._state, self._undo = _State(messages, tokens, cache, open_turn), []
 
-    def _read_state(self, arrays: dict, meta: dict) -> _State:
-        cache = self.model.make_cache()
-        kinds = json.loads(meta["cache_kinds"])
-        counts, metas = json.loads(meta["cache_counts"]), json.loads(meta["cache_meta"])
-        if kinds != [type(c).__name__ for c in cache]:
-            raise ValueError("its cache layers do not match this model")
-        for i, c in enumerate(cache):
-            c.state = [arrays[f"cache.{i}.{j}"] for j in range(counts[i])]
-            c.meta_state = metas[i]
-        state = _State(json.loads(meta["messages"]), arrays["tokens"].tolist(), cache)
-        if len({c.offset for c in cache}) != 1 or state.offset > len(state.tokens):
-            raise ValueError("cache offsets do not match its token ids")
-        return state
+    def start_from(self, prompt_cache: PromptCache) -> None:
+        """Start over from a prompt cache: its text opens the first user message, which the next
+        message you send completes."""
+        if prompt_cache.raw:
+            raise KimiError("a raw prompt cache (--raw) continues with kimi-mlx generate --raw, not chat")
+        messages = [{"role": "system", "content": prompt_cache.system}] if prompt_cache.system else []
+        self._state = _State(messages, list(prompt_cache.tokens), prompt_cache.fresh_cache(), prompt_cache.text)
+        self._undo, self._opening = [], prompt_cache
 
 
 # ---------------------------------------------------------------- the terminal chat
@@ -354,7 +328,7 @@ def _command(session: ChatSession, term: _Terminal, line: str) -> bool:
     elif name == "/retry":
         _stream_reply(session, term, session.retry())
     elif name == "/reset":
-        session.reset(session.system)
+        session.restart()
         term.note("[conversation reset]")
     elif name == "/system":
         session.reset(arg or None)
@@ -400,15 +374,23 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
 
 def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
              sampling: dict | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             stderr: TextIO | None = None) -> int:
-    """`kimi-mlx chat`: load the model, then chat on stdin/stdout (status lines on stderr)."""
+             stderr: TextIO | None = None, prompt_cache: str | None = None, kv_bits: int | None = None) -> int:
+    """`kimi-mlx chat`: load the model, then chat on stdin/stdout (status lines on stderr).
+    prompt_cache: a file from `kimi-mlx cache-prompt`; the first message continues its text."""
     from . import load
     from .loading import resolve_model_path
+    from .prompt_cache import load_prompt_cache
 
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
     session = ChatSession(model, tokenizer, system=system, max_tokens=max_tokens, model_name=str(folder),
-                          **(sampling or {}))
+                          kv_bits=kv_bits, **(sampling or {}))
     stderr = stderr or sys.stderr
+    if prompt_cache is not None:
+        if system:
+            raise KimiError("--system and --prompt-cache: the prompt cache has its own system message")
+        session.start_from(load_prompt_cache(prompt_cache, model, str(folder)))
+        stderr.write(f"{prompt_cache}: continuing {session.context_used} cached tokens; "
+                     "your first message completes its text\n")
     stderr.write(f"{folder}: context {session.max_context} tokens. {HELP}\n")
     return chat_loop(session, stdin or sys.stdin, stdout or sys.stdout, stderr)

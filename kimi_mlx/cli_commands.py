@@ -19,16 +19,29 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise KimiError(f"{prompt_file}: cannot read the prompt ({e.strerror})") from None
 
 
-def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=sys.stdout):
+def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=sys.stdout,
+                 prompt_cache=None, kv_bits=None):
     from . import load, stream_generate
+    from .loading import resolve_model_path
 
     text = read_prompt(prompt, prompt_file)
-    model, tokenizer = load(model_path)
-    if not raw:
+    folder = resolve_model_path(model_path)
+    model, tokenizer = load(str(folder))
+    cached = None
+    if prompt_cache is not None:
+        from .prompt_cache import load_prompt_cache
+
+        if system:
+            raise KimiError("--system and --prompt-cache: the prompt cache has its own system message")
+        cached = load_prompt_cache(prompt_cache, model, str(folder))
+        if cached.raw != raw:
+            raise KimiError(f"{prompt_cache}: cached {'with' if cached.raw else 'without'} --raw; "
+                            f"generate {'with' if cached.raw else 'without'} it to continue")
+    elif not raw:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         text = messages
     last = None
-    for last in stream_generate(model, tokenizer, text, max_tokens, **sampling):
+    for last in stream_generate(model, tokenizer, text, max_tokens, prompt_cache=cached, kv_bits=kv_bits, **sampling):
         out.write(last.text)
         out.flush()
     out.write("\n")
@@ -39,3 +52,30 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
             f"peak memory {last.peak_memory_gb:.3f} GB | finish: {last.finish_reason}",
             file=sys.stderr,
         )
+
+
+def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, raw=False, kv_bits=None,
+                     prefill_step=None, progress=True, err=sys.stderr):
+    """`kimi-mlx cache-prompt`: prefill the prompt once and save the caches to out_path."""
+    import time
+
+    import mlx.core as mx
+
+    from . import load
+    from .generate import DEFAULT_PREFILL_STEP
+    from .loading import resolve_model_path
+    from .prompt_cache import make_prompt_cache
+
+    text = read_prompt(prompt, prompt_file)
+    folder = resolve_model_path(model_path)
+    model, tokenizer = load(str(folder))
+    t0 = time.perf_counter()
+    cache = make_prompt_cache(model, tokenizer, text, system=system, raw=raw, kv_bits=kv_bits,
+                              prefill_step=prefill_step or DEFAULT_PREFILL_STEP, model_name=str(folder),
+                              progress=progress)
+    seconds = time.perf_counter() - t0
+    cache.save(out_path, model)
+    size = Path(out_path).stat().st_size
+    err.write(f"{out_path}: {cache.num_tokens} tokens cached in {seconds:.1f} s "
+              f"({cache.num_tokens / max(seconds, 1e-9):.0f} tokens/s), {size / 2**20:.1f} MiB, "
+              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GB\n")

@@ -6,6 +6,7 @@ semantics as the tool our users compare us with, no second implementation to kee
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -36,11 +37,41 @@ def prefill(model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP) ->
     T = tokens.shape[0]
     if T == 0:
         raise KimiError("empty prompt: give at least one token")
-    for start in range(0, T - 1, step):
-        end = min(start + step, T - 1)
-        model(tokens[None, start:end], cache=cache, last_only=True)
-        mx.eval([c.state for c in cache])  # bound memory: materialise this step's states
+    prefill_all(model, tokens[:-1], cache, step)
     return model(tokens[None, T - 1 :], cache=cache, last_only=True)[0, -1]
+
+
+def prefill_all(model, tokens, cache, step: int = DEFAULT_PREFILL_STEP, progress: bool = False) -> None:
+    """Feed every token of `tokens` [T] (array or list) to the cache, `step` at a time, without
+    logits for more than the last row; memory stays that of one step plus the caches. progress: a bar on stderr."""
+    tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
+    T = tokens.shape[0]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=T, unit="tok", desc="prefill", file=sys.stderr, dynamic_ncols=True)
+    for start in range(0, T, step):
+        end = min(start + step, T)
+        logits = model(tokens[None, start:end], cache=cache, last_only=True)  # one row of lm_head
+        mx.eval(logits, [c.state for c in cache])  # bound memory: materialise this step's states
+        if bar is not None:
+            bar.update(end - start)
+    if bar is not None:
+        bar.close()
+
+
+def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0) -> None:
+    """Refuse a request past the model's context, or one whose memory plan does not fit this
+    machine (with the plan in the message), before any work is done."""
+    max_context = getattr(model.args, "model_max_length", None)
+    total = used + prompt_tokens + max_tokens
+    if max_context and total > max_context:
+        raise KimiError(
+            f"prompt of {prompt_tokens} tokens + {max_tokens} new tokens"
+            + (f" after {used} cached" if used else "")
+            + f" exceeds the model's context of {max_context}"
+        )
 
 
 def generate_tokens(
@@ -112,15 +143,26 @@ def stream_generate(
     stop: list[str] | None = None,
     cache=None,
     prefill_step: int = DEFAULT_PREFILL_STEP,
+    prompt_cache=None,
+    kv_bits: int | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Generate from text, token ids or chat messages; yield a response per token."""
-    ids = _prompt_ids(tokenizer, prompt)
-    max_context = getattr(model.args, "model_max_length", None)
+    """Generate from text, token ids or chat messages; yield a response per token.
+
+    cache: layer caches to continue (they are advanced in place). prompt_cache: a PromptCache
+    (kimi_mlx.prompt_cache) to continue from a copy of; a text prompt then continues its open
+    user turn. kv_bits: latent cache precision of a fresh cache (16, 8 or 4).
+    """
+    if prompt_cache is not None:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            raise KimiError("a prompt cache continues with text or token ids, not chat messages")
+        ids = prompt_cache.continuation(tokenizer, prompt) if isinstance(prompt, str) else _prompt_ids(tokenizer, prompt)
+        cache = cache if cache is not None else prompt_cache.fresh_cache()
+    else:
+        ids = _prompt_ids(tokenizer, prompt)
+        cache = cache if cache is not None else model.make_cache(kv_bits)
     used = cache[0].offset if cache else 0
-    if max_context and used + len(ids) + max_tokens > max_context:
-        raise KimiError(
-            f"prompt of {len(ids)} tokens + {max_tokens} new tokens exceeds the model's context of {max_context}"
-        )
+    bits = next((c.kv_bits for c in cache if hasattr(c, "kv_bits")), kv_bits)
+    check_context(model, len(ids), max_tokens, bits, used=used)
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)

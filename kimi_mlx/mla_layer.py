@@ -75,17 +75,21 @@ class MLAttention(nn.Module):
         q_lat = self.embed_q(q[..., : self.nope_dim])  # [B, H, T, R]
         q_cat = (mx.concatenate([q_lat, q[..., self.nope_dim:]], axis=-1) * self.scale).reshape(B, H * T, -1)
 
+        if bits is not None and R % group == 0:  # values are whole groups: read them quantized
+            extra = -q_cat.shape[-1] % group  # pages are zero-padded to whole groups
+            q_pad = mx.pad(q_cat, [(0, 0), (0, 0), (0, extra)]) if extra else q_cat
+
         def block(arrays):  # one GEMM for all heads: [B, H*T, R+Dr] x [B, n, R+Dr]^T
-            if bits is None:
-                lat = arrays[0]
-                s = q_cat @ lat.swapaxes(1, 2)
-                pv = lambda p: p.astype(lat.dtype) @ lat[..., :R]  # noqa: E731 (values = first R columns)
-            else:
+            if bits is not None and R % group == 0:
                 w, sc, bi = arrays
-                s = mx.quantized_matmul(q_cat, w, sc, bi, transpose=True, group_size=group, bits=bits)
+                s = mx.quantized_matmul(q_pad, w, sc, bi, transpose=True, group_size=group, bits=bits)
                 pv = lambda p: mx.quantized_matmul(  # noqa: E731 (the first R // group groups)
                     p.astype(sc.dtype), w[..., : R * bits // 32], sc[..., : R // group], bi[..., : R // group],
                     transpose=False, group_size=group, bits=bits)
+            else:
+                lat = cache.dequantize(arrays)  # [B, n, R+Dr]
+                s = q_cat @ lat.swapaxes(1, 2)
+                pv = lambda p: p.astype(lat.dtype) @ lat[..., :R]  # noqa: E731 (values = first R columns)
             return s.reshape(B, H, T, -1), lambda p: pv(p.reshape(B, H * T, -1)).reshape(B, H, T, R)
 
         return _Attention(block, (B, H, T), lambda o: self.unembed_out(o.astype(q.dtype)))

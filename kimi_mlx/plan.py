@@ -1,0 +1,337 @@
+"""Memory plan: do the model and a context of N tokens fit this machine? (`kimi-mlx plan`)
+
+Counted exactly, from config.json alone (no weights needed, so a user can plan before downloading):
+- weights: every parameter of kimi_mlx.model.Model (`parameter_shapes`; tests match it against an
+  instantiated model) at the bytes the runtime holds. Quantization follows config.json's
+  `quantization` block as mlx-lm does: a Linear, Embedding, SwitchLinear or MultiLinear weight is
+  quantized when its module path has its own entry (a spec, or false) or else when its last dim is a
+  multiple of the group size: bits/8 per weight plus, per group, a scale and a bias in the weight
+  dtype (affine) or one 1-byte scale (mxfp4, mxfp8, nvfp4). Everything else is in the checkpoint
+  dtype (config `dtype` / `torch_dtype`, else bfloat16), except FP32_PARAMS (A_log, dt_bias, the
+  router bias) in float32.
+- KDA states: per KDA layer the fp32 recurrent state [B, H, Dv, Dk] and three conv windows
+  [B, K-1, H*D] in the activation dtype (the layouts of kimi_mlx/cache.py).
+- latent cache: per MLA layer the rows LatentCache allocates for the context (sealed pages, plus a
+  tail grown by doubling) x the bytes of one 576-wide row at kv_bits 16, 8 or 4.
+Estimated (a deliberately generous guess, not a measurement): the activations of one prefill step
+of `prefill_step` tokens (see `activation_bytes`). MLX's buffer cache, the OS and other programs are
+not counted, so a plan fits only when its total is at most MARGIN of the memory available.
+Sizes print in GiB (2^30 bytes; a "128 GB" Mac has 128 GiB, and --memory-gb counts the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache import KV_GROUP_SIZE, LatentCache
+from .config import ModelArgs
+from .errors import KimiError
+from .loading import demo_model_path, resolve_model_path
+from .mla_layer import ABSORB_MAX_QUERIES, _block_size
+from .model import FP32_PARAMS
+
+MAX_CONTEXT = 1048576  # the released model's model_max_length (ModelArgs' default when config.json lacks it)
+DEFAULT_PREFILL_STEP = 512  # = kimi_mlx.generate.DEFAULT_PREFILL_STEP (not imported: generate may import us)
+MARGIN = 0.9  # a plan fits when its total is at most this share of the memory available
+KDA_CHUNK = 64  # chunk size of the chunked KDA prefill (kimi_mlx/kda/chunked.py)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+class ContextTooLong(KimiError):
+    """A context past the model's model_max_length."""
+
+
+class ContextDoesNotFit(KimiError):
+    """The plan for this context needs more memory than the machine has; the message holds the plan."""
+
+
+@dataclass
+class MemoryPlan:
+    context: int
+    kv_bits: int
+    prefill_step: int
+    batch: int
+    parameters: int
+    weights: int  # bytes, as are the next four
+    kda_states: int
+    latent_cache: int
+    activations: int
+    available: int
+    memory_source: str  # where `available` comes from
+    weights_by_format: dict  # e.g. {"4-bit affine g64": bytes, "bfloat16": bytes}
+    on_disk: tuple[int, int] | None = None  # (bytes, files) of the folder's safetensors, a cross-check
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kda_states + self.latent_cache + self.activations
+
+    @property
+    def usable(self) -> int:
+        return int(self.available * MARGIN)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def verdict(self) -> str:
+        need, usable = f"{self.total / 2**30:.2f} GiB", f"{self.usable / 2**30:.2f} GiB"
+        if self.fits:
+            return f"fits: {need} of {usable} usable ({self.total / self.usable:.0%})"
+        if self.weights > self.usable:
+            hint = "the weights alone exceed it: use a (more strongly) quantized model"
+        else:
+            hint = "shorten the context" + (", or keep the latent cache at 8 or 4 bits" if self.kv_bits > 4 else "")
+        return f"does not fit: {self.context:,} tokens need {need}, {usable} usable; {hint}"
+
+    def format(self) -> str:
+        (main, main_bytes), *rest = self.weights_by_format.items()  # the largest first
+        parts = f"{main} {main_bytes / 2**30:.2f} GiB" + (
+            f"; {', '.join(k for k, _ in rest)} {sum(v for _, v in rest) / 2**30:.2f} GiB" if rest else "")
+        lines = [
+            f"memory plan: {self.context:,} tokens, batch {self.batch}, latent cache {self.kv_bits}-bit, "
+            f"prefill steps of {self.prefill_step} (GiB = 2^30 bytes)",
+            f"  weights       {_gib(self.weights)}  {self.parameters / 1e9:.2f}B parameters: {parts}",
+            f"  KDA states    {_gib(self.kda_states)}  fp32 recurrent state + conv windows",
+            f"  latent cache  {_gib(self.latent_cache)}  MLA latents, {self.kv_bits}-bit",
+            f"  activations   {_gib(self.activations)}  one prefill step (estimate)",
+            f"  total         {_gib(self.total)}",
+            f"  available     {_gib(self.available)}  {self.memory_source}; plans use at most {MARGIN:.0%}",
+        ]
+        if self.on_disk:
+            lines.append(f"  on disk       {_gib(self.on_disk[0])}  in {self.on_disk[1]} safetensors files (cross-check)")
+        return "\n".join(lines + [self.verdict()])
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:7.2f} GiB"
+
+
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every parameter of Model(args): path -> (shape, True for a quantizable module's weight)."""
+    h, out = args.hidden_size, {}
+
+    def lin(path, *shape):  # the weight of a Linear, Embedding, SwitchLinear or MultiLinear
+        out[f"{path}.weight"] = (shape, True)
+
+    def vec(path, *shape):
+        out[path] = (shape, False)
+
+    def mlp(path, inter):
+        lin(f"{path}.gate_proj", inter, h), lin(f"{path}.up_proj", inter, h), lin(f"{path}.down_proj", h, inter)
+
+    lin("model.embed_tokens", args.vocab_size, h)
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        if args.is_kda_layer(i):
+            H, D = args.kda_heads, args.kda_head_dim
+            for x in "qkv":
+                lin(f"{a}.{x}_proj", H * D, h)
+                vec(f"{a}.{x}_conv.conv.weight", H * D, args.conv_kernel, 1)
+            lin(f"{a}.f_a_proj", D, h), lin(f"{a}.f_b_proj", H * D, D), lin(f"{a}.b_proj", H, h)
+            lin(f"{a}.g_a_proj", D, h), lin(f"{a}.g_b_proj", H * D, D), lin(f"{a}.o_proj", h, H * D)
+            vec(f"{a}.A_log", 1, 1, H, 1), vec(f"{a}.dt_bias", H * D), vec(f"{a}.o_norm.weight", D)
+        else:
+            H, R, Dn, Dr, Dv = (args.num_attention_heads, args.kv_lora_rank, args.qk_nope_head_dim,
+                                args.qk_rope_head_dim, args.v_head_dim)
+            lin(f"{a}.q_proj", H * (Dn + Dr), h), lin(f"{a}.kv_a_proj_with_mqa", R + Dr, h)
+            vec(f"{a}.kv_a_layernorm.weight", R)
+            lin(f"{a}.embed_q", H, R, Dn), lin(f"{a}.unembed_out", H, Dv, R)  # kv_b_proj, split per head
+            lin(f"{a}.o_proj", h, H * Dv)
+        if args.is_moe_layer(i):
+            E, inter = args.num_experts, args.moe_intermediate_size
+            lin(f"{p}.mlp.gate", E, h), vec(f"{p}.mlp.e_score_correction_bias", E)
+            lin(f"{p}.mlp.switch_mlp.gate_proj", E, inter, h), lin(f"{p}.mlp.switch_mlp.up_proj", E, inter, h)
+            lin(f"{p}.mlp.switch_mlp.down_proj", E, h, inter)
+            if args.num_shared_experts:
+                mlp(f"{p}.mlp.shared_experts", inter * args.num_shared_experts)
+        else:
+            mlp(f"{p}.mlp", args.intermediate_size)
+        vec(f"{p}.input_layernorm.weight", h), vec(f"{p}.post_attention_layernorm.weight", h)
+    vec("model.norm.weight", h)
+    if not args.tie_word_embeddings:
+        lin("lm_head", args.vocab_size, h)
+    return out
+
+
+def quant_spec(module: str, in_dim: int, quantization: dict | None) -> dict | None:
+    """The quantization of one quantizable module (path without `.weight`), or None: mlx-lm's rule."""
+    q = quantization or {}
+    if module in q:  # per-module entry: a spec, or false for "kept in the checkpoint dtype"
+        return q[module] or None
+    if "bits" not in q or in_dim % q.get("group_size", 64):
+        return None
+    return q
+
+
+def weight_bytes(args: ModelArgs, dtype: str = "bfloat16") -> tuple[int, int, dict]:
+    """-> (parameters, bytes, bytes per storage format) of Model(args) as the runtime holds it."""
+    size, n_params, by_format = DTYPE_BYTES[dtype], 0, Counter()
+    for path, (shape, quantizable) in parameter_shapes(args).items():
+        n = prod(shape)
+        n_params += n
+        spec = quant_spec(path.removesuffix(".weight"), shape[-1], args.quantization) if quantizable else None
+        if path.endswith(FP32_PARAMS):
+            by_format["float32"] += 4 * n
+        elif spec is None:
+            by_format[dtype] += size * n
+        else:
+            bits, group, mode = spec["bits"], spec.get("group_size", 64), spec.get("mode", "affine")
+            per_group = 2 * size if mode == "affine" else 1  # scale + bias in the weight dtype, or a uint8/fp8 scale
+            by_format[f"{bits}-bit {mode} g{group}"] += n * bits // 8 + n // group * per_group
+    return n_params, sum(by_format.values()), dict(by_format.most_common())
+
+
+def latent_rows(tokens: int, append: int) -> int:
+    """Rows LatentCache allocates for `tokens` arriving in appends of `append` tokens (then singly).
+
+    Its rule (cache.py): full pages of page_size rows; the last page starts at ceil(first append /
+    step) * step rows and doubles when full, up to page_size. Exact when `append` divides page_size
+    (the prefill default does); otherwise the first allocation of a later page may differ a little.
+    """
+    page, step = LatentCache.page_size, LatentCache.step
+    full, tail = divmod(tokens, page)
+    capacity = -(-min(append, tail) // step) * step
+    while capacity < tail:
+        capacity *= 2
+    return full * page + min(capacity, page)
+
+
+def latent_row_bytes(args: ModelArgs, kv_bits: int, act_bytes: int) -> int:
+    """Bytes of one token's latent (R + P wide) in one MLA layer."""
+    width = args.kv_lora_rank + args.qk_rope_head_dim
+    if kv_bits == 16:
+        return width * act_bytes
+    return width * kv_bits // 8 + width // KV_GROUP_SIZE * 2 * act_bytes  # packed + scales and biases
+
+
+def activation_bytes(args: ModelArgs, T: int, context: int, B: int, act: int) -> int:
+    """ESTIMATE of the peak of one prefill step of T tokens. Layers run one after another, so: the
+    residual stream + the larger attention (KDA or MLA) + the larger feed-forward + the logits,
+    each counted generously (fp32 wherever the runtime may use it)."""
+    h = args.hidden_size
+    residual = 3 * B * T * h * act  # x, the layer output, the normed input
+    H, D = args.kda_heads, args.kda_head_dim
+    # KDA: ~16 fp32 [T, H, D] arrays (q, k, v, g, decays, the chunk terms W, U, ...) and ~4 fp32
+    # [T, H, C] per-chunk matrices (the decay grams, the triangular inverse).
+    kda = 4 * B * T * H * (16 * D + 4 * KDA_CHUNK)
+    # MLA: fp32 scores of one key block and their exp [B, H, T, keys] (the block is sized by
+    # mla_layer._block_size, so this does not grow with the context), the queries, and for steps of
+    # more than ABSORB_MAX_QUERIES tokens one block of expanded per-head keys and values.
+    Hm, keys = args.num_attention_heads, min(_block_size(B * args.num_attention_heads * T), context)
+    qk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+    mla = 2 * 4 * B * Hm * T * keys + 4 * B * Hm * T * (qk + args.kv_lora_rank + dv)
+    if T > ABSORB_MAX_QUERIES:
+        mla += B * Hm * keys * (qk + dv) * act
+    has_mla = any(not args.is_kda_layer(i) for i in range(args.num_hidden_layers))
+    # MoE: each token's k expert rows: the gathered input, gate/up/their product, the expert outputs.
+    moe = B * T * args.num_experts_per_token * (h * act + 3 * args.moe_intermediate_size * 4 + h * 4)
+    dense = B * T * (3 * args.intermediate_size + h) * act
+    logits = B * args.vocab_size * 4  # the last position only (prefill asks for last_only)
+    return residual + max(kda, mla if has_mla else 0) + max(moe, dense) + logits
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes, what they are). Metal: the GPU's recommended working set (what macOS keeps resident;
+    `sudo sysctl iogpu.wired_limit_mb` raises it). Elsewhere the physical memory, not what is free
+    right now: a plan should not change with whatever else runs, and the margin is for the OS."""
+    if mx.metal.is_available():
+        info = mx.device_info()
+        return int(info.get("max_recommended_working_set_size") or info["memory_size"]), "Metal working set"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    except (ValueError, OSError):
+        raise KimiError("cannot read this machine's memory size; pass --memory-gb") from None
+
+
+def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = None,
+                prefill_step: int | None = None, batch: int = 1, memory_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of `batch` sequences of `context` tokens (prompt + reply). `config` is
+    config.json as a dict, or ModelArgs (whose weights dtype is then taken as bfloat16)."""
+    if isinstance(config, ModelArgs):
+        args, dtype = config, "bfloat16"
+    else:
+        args, dtype = ModelArgs.from_dict(config), config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    if dtype not in DTYPE_BYTES:
+        raise KimiError(f"config.json: dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+    kv_bits = 16 if kv_bits is None else kv_bits
+    prefill_step = prefill_step or DEFAULT_PREFILL_STEP
+    if kv_bits not in (16, 8, 4):
+        raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4")
+    if context < 1 or batch < 1 or prefill_step < 1:
+        raise KimiError(f"context {context}, batch {batch}, prefill step {prefill_step}: each must be at least 1")
+    limit = args.model_max_length or MAX_CONTEXT
+    if context > limit:
+        raise ContextTooLong(f"context of {context:,} tokens: past this model's maximum of {limit:,} tokens "
+                             "(model_max_length in config.json); shorten the prompt or the reply")
+    act = DTYPE_BYTES[dtype]
+    n_params, weights, by_format = weight_bytes(args, dtype)
+    kda_layers = sum(args.is_kda_layer(i) for i in range(args.num_hidden_layers))
+    H, D, C = args.kda_heads, args.kda_head_dim, args.kda_heads * args.kda_head_dim
+    kda = kda_layers * batch * (4 * H * D * D + 3 * (args.conv_kernel - 1) * C * act)
+    mla_layers = args.num_hidden_layers - kda_layers
+    latent = mla_layers * batch * latent_rows(context, prefill_step) * latent_row_bytes(args, kv_bits, act)
+    # (a padded batch also keeps a [B, rows] bool key mask per MLA layer: bytes, not counted)
+    T = min(prefill_step, context)
+    activations = activation_bytes(args, T, context, batch, act)
+    available, source = (memory_bytes, "as given") if memory_bytes is not None else machine_memory()
+    return MemoryPlan(context, kv_bits, prefill_step, batch, n_params, weights, kda, latent, activations,
+                      available, source, by_format)
+
+
+def check_context_fits(config: dict | ModelArgs, context: int, kv_bits: int | None = None, **kwargs) -> MemoryPlan:
+    """The plan, or ContextTooLong / ContextDoesNotFit (its message holds the plan) when it does not fit.
+    Cheap (arithmetic on the config): generation and chat call it before a long prefill."""
+    plan = plan_memory(config, context, kv_bits, **kwargs)
+    if not plan.fits:
+        raise ContextDoesNotFit(f"{context:,} tokens do not fit in memory; the plan:\n{plan.format()}")
+    return plan
+
+
+def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:
+    """plan_memory for a model folder (config.json is enough), 'demo', or a hub repo id (only its
+    config.json is downloaded). Safetensors in the folder add their size on disk as a cross-check."""
+    local = Path(path).expanduser()
+    if str(path) == "demo":
+        folder = demo_model_path()
+    elif local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        folder = resolve_model_path(path)  # a local folder, or its clear error
+    else:
+        folder = _download_config(str(path))
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise KimiError(f"{config_file}: not found; a model folder needs config.json") from None
+    except json.JSONDecodeError as e:
+        raise KimiError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    plan = plan_memory(config, context, **kwargs)
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        plan.on_disk = (sum(f.stat().st_size for f in shards), len(shards))
+    return plan
+
+
+def _download_config(repo_id: str) -> Path:
+    """The folder of a hub repo's config.json, fetched alone (errors as in loading.download_repo)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json")).parent
+    except RepositoryNotFoundError:
+        raise KimiError(f"{repo_id}: no such repository on the Hugging Face hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise KimiError(f"{repo_id}: config.json is not in the local cache and the hub cannot be reached; "
+                        "pass a local folder that holds config.json") from None
+    except EntryNotFoundError:
+        raise KimiError(f"{repo_id}: the repository has no config.json") from None
+    except OSError as e:
+        raise KimiError(f"{repo_id}: download of config.json failed ({e})") from None

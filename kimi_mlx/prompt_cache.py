@@ -1,0 +1,185 @@
+"""Model state on disk: prompt caches (`kimi-mlx cache-prompt`) and the chat's /save files.
+
+One safetensors file holds the token ids the state has consumed and every layer's cache arrays:
+    "tokens" [N] int32, "cache.{layer}.{j}" = the layer cache's `state` arrays (see cache.py)
+with string metadata: format, version, model (fingerprint), model_name, cache_kinds,
+cache_counts, cache_meta, plus what the caller adds (a chat's messages, a prompt cache's text).
+Files are written to a temporary name and renamed, so an interrupted write leaves no file.
+
+A prompt cache is the opening of a conversation prefilled once: in chat form, an optional
+system turn and a user turn left open after its text (mlx-lm's cache_prompt does the same);
+in raw form, the plain text. What follows is appended to that user turn ("\\n\\n" then the new
+prompt, then the template's close and the assistant header), as ids concatenated to the cached
+ones, so continuing never re-tokenizes the cached part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import KimiError
+
+PROMPT_CACHE_FORMAT = "kimi-mlx-prompt-cache"
+FILE_VERSION = "1"
+SEPARATOR = "\n\n"  # between the cached text and the prompt that continues it
+_MARK = "\ue000"  # a private-use character: where the template cuts the open user turn
+
+
+def model_fingerprint(model) -> str:
+    """Identify a model by its config and final-norm weights (cheap, differs between checkpoints)."""
+    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.array(model.model.norm.weight.astype(mx.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- state files
+
+
+def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: list, file_format: str,
+                    model_name: str, extra: dict[str, str] | None = None) -> None:
+    """Write tokens + cache states + metadata atomically (see the module docstring)."""
+    path = Path(path)
+    arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
+    for i, c in enumerate(cache):
+        arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(c.state)})
+    metadata = {
+        "format": file_format, "version": FILE_VERSION,
+        "model": model_fingerprint(model), "model_name": model_name,
+        "cache_kinds": json.dumps([type(c).__name__ for c in cache]),
+        "cache_counts": json.dumps([len(c.state) for c in cache]),
+        "cache_meta": json.dumps([c.meta_state for c in cache]),
+        "num_tokens": str(len(tokens)),
+        **(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp.safetensors")  # MLX appends .safetensors otherwise
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise KimiError(f"{path}: cannot save ({getattr(e, 'strerror', None) or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
+
+
+def read_state_file(path: str | os.PathLike, model, file_format: str, model_name: str,
+                    how_to_make: str) -> tuple[list[int], list, dict]:
+    """Read a file written by save_state_file for this model: (tokens, cache, metadata).
+    A missing or foreign file, or one saved from another model, is a KimiError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise KimiError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    try:
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise KimiError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != file_format:
+        raise KimiError(f"{path}: not a {file_format} file ({how_to_make})")
+    if meta.get("model") != model_fingerprint(model):
+        raise KimiError(f"{path}: saved from another model ({meta.get('model_name', '?')}); "
+                        f"{model_name} cannot continue it")
+    try:
+        kinds = json.loads(meta["cache_kinds"])
+        counts, metas = json.loads(meta["cache_counts"]), json.loads(meta["cache_meta"])
+        cache = model.make_cache()
+        if kinds != [type(c).__name__ for c in cache]:
+            raise ValueError("its cache layers do not match this model")
+        for i, c in enumerate(cache):
+            c.state = [arrays[f"cache.{i}.{j}"] for j in range(counts[i])]
+            c.meta_state = metas[i]
+        tokens = arrays["tokens"].tolist()
+        if len({c.offset for c in cache}) != 1 or cache[0].offset > len(tokens):
+            raise ValueError("cache offsets do not match its token ids")
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise KimiError(f"{path}: corrupt file ({type(e).__name__}: {e})") from None
+    return tokens, cache, meta
+
+
+# ---------------------------------------------------------------- prompt caches
+
+
+def open_user_turn(tokenizer, text: str, system: str | None = None) -> tuple[str, str]:
+    """The template's text up to the end of a user turn holding `text` (the turn left open), and
+    what closes it and opens the assistant's reply."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text + _MARK}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if rendered.count(_MARK) != 1:
+        raise KimiError("the chat template does not render the user's text verbatim; use --raw")
+    head, tail = rendered.split(_MARK)
+    return head, tail
+
+
+def continue_open_turn(tokenizer, cached_text: str, prompt: str, system: str | None = None) -> list[int]:
+    """Ids that complete a user turn left open after `cached_text`: the separator, `prompt`, the
+    turn's close and the assistant header. The user message is cached_text + SEPARATOR + prompt."""
+    _, tail = open_user_turn(tokenizer, cached_text, system)
+    return tokenizer.encode(SEPARATOR + prompt + tail, allow_special=True)
+
+
+@dataclass
+class PromptCache:
+    """A prefilled conversation opening: `tokens` consumed by `cache` (see the module docstring)."""
+
+    tokens: list[int]
+    cache: list
+    text: str  # the cached prompt text
+    system: str | None = None
+    raw: bool = False
+    model_name: str = "this model"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def fresh_cache(self) -> list:
+        """Copies of the cache (sharing its arrays): each continuation starts from the same state."""
+        return [c.copy() for c in self.cache]
+
+    def continuation(self, tokenizer, prompt: str) -> list[int]:
+        """Ids that follow the cached ones for `prompt`: raw text, or the rest of the open user
+        turn and the assistant header."""
+        if self.raw:
+            return tokenizer.encode(prompt)
+        return continue_open_turn(tokenizer, self.text, prompt, self.system)
+
+    def save(self, path: str | os.PathLike, model) -> None:
+        extra = {"text": self.text, "system": json.dumps(self.system), "raw": json.dumps(self.raw)}
+        save_state_file(path, model, self.tokens, self.cache, PROMPT_CACHE_FORMAT, self.model_name, extra)
+
+
+def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None, raw: bool = False,
+                      kv_bits: int | None = None, prefill_step: int = 512, model_name: str = "this model",
+                      progress: bool = False) -> PromptCache:
+    """Prefill `text` once (chat form unless raw) into a fresh cache, in steps of prefill_step."""
+    from .generate import check_context, prefill_all
+
+    if raw and system:
+        raise KimiError("--system needs the chat form; drop --raw or --system")
+    ids = tokenizer.encode(text) if raw else tokenizer.encode(open_user_turn(tokenizer, text, system)[0],
+                                                              allow_special=True)
+    if not ids:
+        raise KimiError("the prompt is empty: nothing to cache")
+    check_context(model, len(ids), 1, kv_bits)
+    cache = model.make_cache(kv_bits)
+    prefill_all(model, ids, cache, prefill_step, progress=progress)
+    return PromptCache(ids, cache, text, system, raw, model_name)
+
+
+def load_prompt_cache(path: str | os.PathLike, model, model_name: str = "this model") -> PromptCache:
+    """A prompt cache file saved for this model (another model's file is refused)."""
+    tokens, cache, meta = read_state_file(
+        path, model, PROMPT_CACHE_FORMAT, model_name, "make one with kimi-mlx cache-prompt")
+    if cache[0].offset != len(tokens):
+        raise KimiError(f"{path}: corrupt file (the cache has consumed {cache[0].offset} of {len(tokens)} tokens)")
+    try:
+        system, raw = json.loads(meta.get("system", "null")), json.loads(meta.get("raw", "false"))
+    except json.JSONDecodeError as e:
+        raise KimiError(f"{path}: corrupt file ({e})") from None
+    return PromptCache(tokens, cache, meta.get("text", ""), system, raw, meta.get("model_name", "?"), meta)
