@@ -209,7 +209,8 @@ def latent_row_bytes(args: ModelArgs, kv_bits: int, act_bytes: int) -> int:
     width = args.kv_lora_rank + args.qk_rope_head_dim
     if kv_bits == 16:
         return width * act_bytes
-    return width * kv_bits // 8 + width // KV_GROUP_SIZE * 2 * act_bytes  # packed + scales and biases
+    groups = -(-width // KV_GROUP_SIZE)  # quantized rows are zero-padded to whole groups
+    return groups * KV_GROUP_SIZE * kv_bits // 8 + groups * 2 * act_bytes  # packed + scales and biases
 
 
 def activation_bytes(args: ModelArgs, T: int, context: int, B: int, act: int) -> int:
