@@ -24,7 +24,7 @@ from typing import Iterator, TextIO
 import mlx.core as mx
 
 from .errors import KimiError
-from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, stream_generate
+from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, stream_generate
 from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
                            save_state_file)
 
@@ -191,7 +191,9 @@ class ChatSession:
                 f"message of {len(new)} tokens does not fit: context {len(base.tokens)}/{self.max_context} used; "
                 "/undo, /reset or send a shorter message"
             )
-        return new, feed, min(self.max_tokens, room)
+        max_tokens = min(self.max_tokens, room)
+        check_context(self.model, len(feed), max_tokens, self.kv_bits, used=base.offset)  # memory plan
+        return new, feed, max_tokens
 
     def _turn(self, base: _State, text: str, plan: tuple, commit) -> Iterator[GenerationResponse]:
         new, feed, max_tokens = plan
@@ -243,7 +245,7 @@ class ChatSession:
     def load(self, path: str | os.PathLike) -> None:
         """Replace the session with a saved one; the file must come from this model."""
         tokens, cache, meta = read_state_file(path, self.model, FILE_FORMAT, self.model_name,
-                                              "save one with /save")
+                                              "kimi-mlx chat file", "save one with /save")
         try:
             messages, open_turn = json.loads(meta["messages"]), json.loads(meta.get("open_turn", "null"))
         except (KeyError, json.JSONDecodeError) as e:

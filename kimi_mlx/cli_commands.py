@@ -19,11 +19,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise KimiError(f"{prompt_file}: cannot read the prompt ({e.strerror})") from None
 
 
-def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=sys.stdout,
+def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=None,
                  prompt_cache=None, kv_bits=None):
     from . import load, stream_generate
     from .loading import resolve_model_path
 
+    out = out or sys.stdout
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
@@ -55,7 +56,7 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
 
 
 def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, raw=False, kv_bits=None,
-                     prefill_step=None, progress=True, err=sys.stderr):
+                     prefill_step=None, progress=True, err=None):
     """`kimi-mlx cache-prompt`: prefill the prompt once and save the caches to out_path."""
     import time
 
@@ -66,6 +67,7 @@ def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, 
     from .loading import resolve_model_path
     from .prompt_cache import make_prompt_cache
 
+    err = err or sys.stderr
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))

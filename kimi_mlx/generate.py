@@ -72,6 +72,9 @@ def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | Non
             + (f" after {used} cached" if used else "")
             + f" exceeds the model's context of {max_context}"
         )
+    from .plan import check_context_fits  # here: plan imports the model modules
+
+    check_context_fits(model.args, total, kv_bits)
 
 
 def generate_tokens(

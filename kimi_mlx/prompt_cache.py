@@ -68,7 +68,7 @@ def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: li
         tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
 
 
-def read_state_file(path: str | os.PathLike, model, file_format: str, model_name: str,
+def read_state_file(path: str | os.PathLike, model, file_format: str, model_name: str, kind: str,
                     how_to_make: str) -> tuple[list[int], list, dict]:
     """Read a file written by save_state_file for this model: (tokens, cache, metadata).
     A missing or foreign file, or one saved from another model, is a KimiError naming it."""
@@ -80,7 +80,7 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
     except (OSError, RuntimeError, ValueError) as e:
         raise KimiError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != file_format:
-        raise KimiError(f"{path}: not a {file_format} file ({how_to_make})")
+        raise KimiError(f"{path}: not a {kind} ({how_to_make})")
     if meta.get("model") != model_fingerprint(model):
         raise KimiError(f"{path}: saved from another model ({meta.get('model_name', '?')}); "
                         f"{model_name} cannot continue it")
@@ -175,7 +175,7 @@ def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None,
 def load_prompt_cache(path: str | os.PathLike, model, model_name: str = "this model") -> PromptCache:
     """A prompt cache file saved for this model (another model's file is refused)."""
     tokens, cache, meta = read_state_file(
-        path, model, PROMPT_CACHE_FORMAT, model_name, "make one with kimi-mlx cache-prompt")
+        path, model, PROMPT_CACHE_FORMAT, model_name, "kimi-mlx prompt cache", "make one with kimi-mlx cache-prompt")
     if cache[0].offset != len(tokens):
         raise KimiError(f"{path}: corrupt file (the cache has consumed {cache[0].offset} of {len(tokens)} tokens)")
     try:
