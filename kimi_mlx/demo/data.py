@@ -1,0 +1,187 @@
+"""A synthetic chat corpus whose answers can be checked exactly: the demo model's tasks.
+
+Five task types, each a one-turn chat in Kimi's format (an optional system turn first):
+- addition: "What is 52 + 47?" -> "99"
+- copy:     "Repeat the list:\nred fox sun" -> "red fox sun"
+- reverse:  "Reverse the list:\nred fox sun" -> "sun fox red"
+- count:    "Here is a list:\nred fox sun fox\nHow many times does fox appear in it?" -> "2"
+- recall:   "Remember these codes: lion=48, rose=17. <filler sentences> What is the code for rose?" -> "17"
+  The question comes long after the pairs (filler in between), so it needs the MLA layers.
+Lists start on a new line so their first word is the same token as the reply's first word
+(BPE merges a leading space into a word: " red" and "red" are different tokens).
+
+Training chats have one turn, or with MULTI_TURN_RATE two or three turns of independent tasks
+(so the model answers the latest question, as in `kimi-mlx chat`); evaluation is one-turn.
+Everything is drawn from `random.Random(seed)`: the same seed gives the same examples.
+Training uses TRAIN_SEED; evaluation draws from other seeds (and rejects any prompt seen
+in training, see `heldout`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+TASKS = ("addition", "copy", "reverse", "count", "recall")
+TRAIN_SEED = 0
+EVAL_SEED = 1_000_003
+
+# Difficulty knobs (the trained model is measured against exactly these).
+ADD_MAX = 99  # operands 0..ADD_MAX
+COPY_LEN = (3, 6)  # distinct words in the list to repeat
+REVERSE_LEN = (3, 5)
+COUNT_LEN = (3, 6)  # list length; drawn from COUNT_POOL distinct words
+COUNT_POOL = (2, 3)
+RECALL_PAIRS = (2, 4)
+RECALL_VALUES = (10, 99)  # two-digit codes
+RECALL_FILLER = (1, 3)  # filler sentences between the pairs and the question, in training
+SYSTEM_RATE = 0.15  # share of chats that open with a system turn
+# Training mix: copying is learned first and fastest, arithmetic, counting and recall need the most.
+TASK_WEIGHTS = {"addition": 3.0, "copy": 0.3, "reverse": 0.6, "count": 2.5, "recall": 2.0}
+MULTI_TURN_RATE = 0.2  # share of training chats with 2 or 3 turns
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are Kimi, a small demo model.",
+    "Answer with the result only.",
+)
+
+# One-syllable words: with a leading space each becomes one BPE token.
+WORDS = (
+    "red blue green gold pink gray black white "
+    "cat dog fox owl cow pig bee ant bat elk "
+    "sun moon star rain snow wind fog ice "
+    "map cup pen box bag key hat bed "
+    "tree leaf rock sand lake hill road door "
+    "run jump sing swim walk read cook draw"
+).split()
+KEYS = (
+    "lion rose bear wolf hawk crab frog deer duck goat "
+    "mint sage corn rice plum pear lime kiwi fig oak"
+).split()
+FILLER_SUBJECTS = ("The old man", "A young girl", "The farmer", "My friend", "The teacher", "A small boy",
+                   "The baker", "Her sister")
+FILLER_VERBS = ("walked to", "looked at", "talked about", "thought of", "painted", "visited", "cleaned",
+                "found")
+FILLER_OBJECTS = ("the river", "the market", "a quiet street", "the garden", "an empty room", "the station",
+                  "the village", "the harbor")
+FILLER_TAILS = ("in the morning", "after lunch", "before dark", "with care", "once again", "for a while",
+                "last week", "at noon")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One chat: `messages` (system?, user) and the exact expected assistant reply."""
+
+    task: str
+    messages: tuple[dict, ...] = field(hash=False)
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+    def conversation(self) -> list[dict]:
+        """The messages with the assistant reply appended (what training sees)."""
+        return [*self.messages, {"role": "assistant", "content": self.answer}]
+
+
+def chat_text(messages, add_generation_prompt: bool = False) -> str:
+    """Kimi's chat format for plain turns (what the checkpoint's template renders)."""
+    tags = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
+    text = "".join(f"{tags[m['role']]}{m['role']}<|im_middle|>{m['content']}<|im_end|>" for m in messages)
+    return text + ("<|im_assistant|>assistant<|im_middle|>" if add_generation_prompt else "")
+
+
+# ---------------------------------------------------------------- the tasks
+
+
+def addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def copy(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(WORDS, rng.randint(*COPY_LEN))
+    return f"Repeat the list:\n{' '.join(words)}", " ".join(words)
+
+
+def reverse(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(WORDS, rng.randint(*REVERSE_LEN))
+    return f"Reverse the list:\n{' '.join(words)}", " ".join(reversed(words))
+
+
+def count(rng: random.Random) -> tuple[str, str]:
+    # The list comes first and the question after it: the word to count is then the last thing
+    # read before the answer (one lookup less than asking first; it trained ~2x faster here).
+    pool = rng.sample(WORDS, rng.randint(*COUNT_POOL))
+    words = rng.choices(pool, k=rng.randint(*COUNT_LEN))
+    target = rng.choice(words)
+    return f"Here is a list:\n{' '.join(words)}\nHow many times does {target} appear in it?", str(words.count(target))
+
+
+def filler_sentence(rng: random.Random) -> str:
+    parts = (FILLER_SUBJECTS, FILLER_VERBS, FILLER_OBJECTS, FILLER_TAILS)
+    return " ".join(rng.choice(p) for p in parts) + "."
+
+
+def recall(rng: random.Random, filler: tuple[int, int] = RECALL_FILLER) -> tuple[str, str]:
+    keys = rng.sample(KEYS, rng.randint(*RECALL_PAIRS))
+    values = [str(rng.randint(*RECALL_VALUES)) for _ in keys]
+    pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+    story = " ".join(filler_sentence(rng) for _ in range(rng.randint(*filler)))
+    i = rng.randrange(len(keys))
+    return f"Remember these codes: {pairs}. {story} What is the code for {keys[i]}?", values[i]
+
+
+MAKERS = {"addition": addition, "copy": copy, "reverse": reverse, "count": count, "recall": recall}
+
+
+def make_example(task: str, rng: random.Random, recall_filler: tuple[int, int] = RECALL_FILLER) -> Example:
+    if task == "recall":
+        question, answer = recall(rng, recall_filler)
+    else:
+        question, answer = MAKERS[task](rng)
+    messages = []
+    if rng.random() < SYSTEM_RATE:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    messages.append({"role": "user", "content": question})
+    return Example(task, tuple(messages), answer)
+
+
+def generate(n: int, seed: int, tasks=TASKS, recall_filler: tuple[int, int] = RECALL_FILLER) -> list[Example]:
+    """n examples, tasks in turn (n // len(tasks) each, the rest to the first ones), from one seed."""
+    rng = random.Random(seed)
+    return [make_example(tasks[i % len(tasks)], rng, recall_filler) for i in range(n)]
+
+
+def stream(seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS):
+    """The endless training stream of chats, each a tuple of Examples (its turns; only the first
+    may have a system message): tasks drawn at random with these weights, from one rng."""
+    rng = random.Random(seed)
+    tasks, w = list(weights), list(weights.values())
+    while True:
+        turns = 1 if rng.random() >= MULTI_TURN_RATE else rng.randint(2, 3)
+        chat = [make_example(rng.choices(tasks, w)[0], rng) for _ in range(turns)]
+        yield tuple([chat[0]] + [Example(e.task, e.messages[-1:], e.answer) for e in chat[1:]])
+
+
+def seen_prompts(n: int, seed: int = TRAIN_SEED) -> set[str]:
+    """The user prompts of the first n chats of `stream(seed)`: what training saw."""
+    chats = stream(seed)
+    return {ex.prompt for _ in range(n) for ex in next(chats)}
+
+
+def heldout(n_per_task: int, seed: int = EVAL_SEED, tasks=TASKS, exclude: set[str] | None = None,
+            recall_filler: tuple[int, int] = RECALL_FILLER) -> list[Example]:
+    """n_per_task examples of each task whose prompt is not in `exclude` (e.g. the training prompts)."""
+    rng = random.Random(seed)
+    out = []
+    for task in tasks:
+        got = 0
+        while got < n_per_task:
+            ex = make_example(task, rng, recall_filler)
+            if exclude is None or ex.prompt not in exclude:
+                out.append(ex)
+                got += 1
+    return out
