@@ -1,7 +1,7 @@
 """Score the demo model by greedy decoding on freshly generated held-out tasks.
 
     python -m kimi_mlx.demo.evaluate [--model kimi_mlx/demo/model] [--n 50] [--seed S] [--unseen]
-        [--kda-path naive|chunked|mx_fast] [--filler-scale 2 8] [--dtype float32|bfloat16]
+        [--kda-path naive|chunked|mx_fast] [--filler-scale 2 8] [--dtype float32|bfloat16] [--kv-bits 8]
 
 An answer counts only when the decoded reply equals the expected answer exactly. With --unseen,
 prompts that training drew (training.json's chats_drawn, replayed from the seeded stream) are
@@ -26,11 +26,12 @@ from . import data
 MODEL_DIR = Path(__file__).parent / "model"
 
 
-def greedy_reply(model: Model, tokenizer, messages, max_tokens: int = 24) -> tuple[str, list[int]]:
+def greedy_reply(model: Model, tokenizer, messages, max_tokens: int = 24,
+                 kv_bits: int | None = None) -> tuple[str, list[int]]:
     """Prefill the chat prompt (last_only), then one token at a time with the cache until <|im_end|>."""
     prompt = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
     stop = tokenizer.eos_token_ids
-    cache = model.make_cache()
+    cache = model.make_cache(kv_bits)
     logits = model(mx.array([prompt]), cache=cache, last_only=True)
     out: list[int] = []
     for _ in range(max_tokens):
@@ -42,12 +43,12 @@ def greedy_reply(model: Model, tokenizer, messages, max_tokens: int = 24) -> tup
     return tokenizer.decode(out), out
 
 
-def score_examples(model: Model, tokenizer, examples) -> dict[str, float]:
-    """{task: fraction of exact answers} over the given examples."""
+def score_examples(model: Model, tokenizer, examples, kv_bits: int | None = None) -> dict[str, float]:
+    """{task: fraction of exact answers} over the given examples (latent cache at kv_bits)."""
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     for ex in examples:
-        reply, _ = greedy_reply(model, tokenizer, ex.messages)
+        reply, _ = greedy_reply(model, tokenizer, ex.messages, kv_bits=kv_bits)
         right[ex.task] = right.get(ex.task, 0) + (reply == ex.answer)
         total[ex.task] = total.get(ex.task, 0) + 1
     return {task: right[task] / total[task] for task in total}
@@ -55,7 +56,7 @@ def score_examples(model: Model, tokenizer, examples) -> dict[str, float]:
 
 def score_model(folder_or_model, tokenizer=None, n_per_task: int = 20, seed: int = data.EVAL_SEED,
                 tasks=data.TASKS, recall_filler: tuple[int, int] = data.RECALL_FILLER,
-                exclude: set[str] | None = None) -> dict[str, float]:
+                exclude: set[str] | None = None, kv_bits: int | None = None) -> dict[str, float]:
     """{task: accuracy} by greedy decoding on n_per_task fresh examples of each task.
 
     `folder_or_model` is a model folder (its tokenizer is read from it when `tokenizer` is None)
@@ -70,7 +71,7 @@ def score_model(folder_or_model, tokenizer=None, n_per_task: int = 20, seed: int
         if tokenizer is None:
             raise ValueError("score_model: pass the tokenizer along with an in-memory model")
     examples = data.heldout(n_per_task, seed, tasks, exclude=exclude, recall_filler=recall_filler)
-    return score_examples(model, tokenizer, examples)
+    return score_examples(model, tokenizer, examples, kv_bits)
 
 
 def context_length(tokenizer, filler: tuple[int, int], n: int = 200, seed: int = 0) -> float:
@@ -105,6 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kda-path", default=None, choices=["naive", "chunked", "mx_fast"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--unseen", action="store_true", help="skip prompts that training drew")
+    parser.add_argument("--kv-bits", type=int, default=None, choices=[16, 8, 4], help="latent cache precision")
     parser.add_argument("--filler-scale", type=float, nargs="*", default=[2, 8],
                         help="also score recall at these multiples of the training context")
     args = parser.parse_args(argv)
@@ -117,14 +119,14 @@ def main(argv=None) -> None:
         info = json.loads((Path(args.model) / "training.json").read_text())
         exclude = data.seen_prompts(info["chats_drawn"], info.get("data_seed", data.TRAIN_SEED))
     t0 = time.perf_counter()
-    scores = score_model(model, tokenizer, args.n, args.seed, exclude=exclude)
+    scores = score_model(model, tokenizer, args.n, args.seed, exclude=exclude, kv_bits=args.kv_bits)
     for task, acc in scores.items():
         print(f"{task:10s} {acc:6.1%}")
     print(f"recall prompts in training: {context_length(tokenizer, data.RECALL_FILLER):.0f} tokens on average")
     for scale in args.filler_scale:
         filler = filler_for_scale(tokenizer, scale)
         acc = score_model(model, tokenizer, args.n, args.seed + 1, tasks=("recall",), recall_filler=filler,
-                          exclude=exclude)["recall"]
+                          exclude=exclude, kv_bits=args.kv_bits)["recall"]
         print(f"recall at {scale:g}x context ({context_length(tokenizer, filler):.0f} tokens, "
               f"{filler[0]} filler sentences): {acc:6.1%}")
     print(f"({time.perf_counter() - t0:.1f} s)")
