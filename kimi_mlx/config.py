@@ -69,14 +69,7 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelFormatError(f"{path}: not found; a model folder needs config.json") from None
-        except json.JSONDecodeError as e:
-            raise ModelFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(config, source=str(path))
+        return cls.from_dict(read_config(path), source=str(path))
 
     def _validate(self, source: str) -> None:
         lac = self.linear_attn_config
@@ -118,3 +111,14 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json as a dict; a missing or malformed file is one ModelFormatError line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: not found; a model folder needs config.json") from None
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None

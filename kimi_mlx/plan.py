@@ -31,7 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .cache import KV_GROUP_SIZE, LatentCache
-from .config import ModelArgs
+from .config import ModelArgs, read_config
 from .errors import KimiError
 from .loading import demo_model_path, resolve_model_path
 from .mla_layer import ABSORB_MAX_QUERIES, _block_size
@@ -306,13 +306,7 @@ def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:
         folder = resolve_model_path(path)  # a local folder, or its clear error
     else:
         folder = _download_config(str(path))
-    config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise KimiError(f"{config_file}: not found; a model folder needs config.json") from None
-    except json.JSONDecodeError as e:
-        raise KimiError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    config = read_config(folder / "config.json")
     plan = plan_memory(config, context, **kwargs)
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
