@@ -4,7 +4,7 @@ Five task types, each a one-turn chat in Kimi's format (an optional system turn 
 - addition: "What is 52 + 47?" -> "99"
 - copy:     "Repeat the list:\nred fox sun" -> "red fox sun"
 - reverse:  "Reverse the list:\nred fox sun" -> "sun fox red"
-- count:    "Here is a list:\nred fox sun fox\nHow many times does fox appear in it?" -> "2"
+- count:    "How many times does fox appear in this list?\nred fox sun fox" -> "2"
 - recall:   "Remember these codes: lion=48, rose=17. <filler sentences> What is the code for rose?" -> "17"
   The question comes long after the pairs (filler in between), so it needs the MLA layers.
 Lists start on a new line so their first word is the same token as the reply's first word
@@ -37,8 +37,8 @@ RECALL_VALUES = (10, 99)  # two-digit codes
 RECALL_FILLER = (1, 3)  # filler sentences between the pairs and the question, in training
 SYSTEM_RATE = 0.15  # share of chats that open with a system turn
 # Training mix: copying is learned first and fastest, arithmetic, counting and recall need the most.
-TASK_WEIGHTS = {"addition": 3.0, "copy": 0.3, "reverse": 0.6, "count": 2.5, "recall": 2.0}
-MULTI_TURN_RATE = 0.2  # share of training chats with 2 or 3 turns
+TASK_WEIGHTS = {"addition": 2.5, "copy": 0.5, "reverse": 1.0, "count": 2.0, "recall": 2.0}
+MULTI_TURN_RATE = 0.0  # share of training chats with 2 or 3 turns (0: the rng is not even asked)
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -112,12 +112,10 @@ def reverse(rng: random.Random) -> tuple[str, str]:
 
 
 def count(rng: random.Random) -> tuple[str, str]:
-    # The list comes first and the question after it: the word to count is then the last thing
-    # read before the answer (one lookup less than asking first; it trained ~2x faster here).
     pool = rng.sample(WORDS, rng.randint(*COUNT_POOL))
     words = rng.choices(pool, k=rng.randint(*COUNT_LEN))
     target = rng.choice(words)
-    return f"Here is a list:\n{' '.join(words)}\nHow many times does {target} appear in it?", str(words.count(target))
+    return f"How many times does {target} appear in this list?\n{' '.join(words)}", str(words.count(target))
 
 
 def filler_sentence(rng: random.Random) -> str:
@@ -155,20 +153,21 @@ def generate(n: int, seed: int, tasks=TASKS, recall_filler: tuple[int, int] = RE
     return [make_example(tasks[i % len(tasks)], rng, recall_filler) for i in range(n)]
 
 
-def stream(seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS):
+def stream(seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS, multi_turn: float = MULTI_TURN_RATE):
     """The endless training stream of chats, each a tuple of Examples (its turns; only the first
     may have a system message): tasks drawn at random with these weights, from one rng."""
     rng = random.Random(seed)
     tasks, w = list(weights), list(weights.values())
     while True:
-        turns = 1 if rng.random() >= MULTI_TURN_RATE else rng.randint(2, 3)
+        turns = 1 if not multi_turn or rng.random() >= multi_turn else rng.randint(2, 3)
         chat = [make_example(rng.choices(tasks, w)[0], rng) for _ in range(turns)]
         yield tuple([chat[0]] + [Example(e.task, e.messages[-1:], e.answer) for e in chat[1:]])
 
 
-def seen_prompts(n: int, seed: int = TRAIN_SEED) -> set[str]:
-    """The user prompts of the first n chats of `stream(seed)`: what training saw."""
-    chats = stream(seed)
+def seen_prompts(n: int, seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS,
+                 multi_turn: float = MULTI_TURN_RATE) -> set[str]:
+    """The user prompts of the first n chats of `stream(seed, weights, multi_turn)`: what training saw."""
+    chats = stream(seed, weights, multi_turn)
     return {ex.prompt for _ in range(n) for ex in next(chats)}
 
 

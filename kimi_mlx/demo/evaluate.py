@@ -116,8 +116,9 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.model)
     exclude = None
     if args.unseen:
-        info = json.loads((Path(args.model) / "training.json").read_text())
-        exclude = data.seen_prompts(info["chats_drawn"], info.get("data_seed", data.TRAIN_SEED))
+        from .train import seen_in_training, training_stages
+
+        exclude = seen_in_training(training_stages(Path(args.model)))
     t0 = time.perf_counter()
     scores = score_model(model, tokenizer, args.n, args.seed, exclude=exclude, kv_bits=args.kv_bits)
     for task, acc in scores.items():

@@ -185,13 +185,14 @@ def encode(tokenizer, chat: tuple[data.Example, ...]) -> tuple[list[int], list[b
     return ids, is_reply
 
 
-def batches(tokenizer, seed: int, tokens_per_batch: int, pool: int = 1024, multiple: int = 16):
+def batches(tokenizer, seed: int, tokens_per_batch: int, weights: dict = data.TASK_WEIGHTS,
+            multi_turn: float = data.MULTI_TURN_RATE, pool: int = 1024, multiple: int = 16):
     """Endless (inputs [B, L], targets [B, L], loss mask [B, L], drawn) batches of similar-length chats.
 
     Chats come from data.stream(seed) in order, `pool` at a time, grouped by length. Right padding
     with [PAD]: the model is causal, so padding after a chat never changes it.
     """
-    examples = data.stream(seed)
+    examples = data.stream(seed, weights, multi_turn)
     shuffle = random.Random(seed + 1)
     pad = tokenizer.pad_token_id
     drawn = 0  # chats taken from the stream so far (the prompts training may have seen)
@@ -255,17 +256,33 @@ def loss_fn(model, inputs, targets, mask):
 
 
 def train(minutes: float, max_steps: int, out: Path, lr: float, tokens_per_batch: int, eval_every: int,
-          log_every: int, seed: int = SEED, config: dict = DEMO_CONFIG) -> None:
+          log_every: int, seed: int = SEED, config: dict = DEMO_CONFIG, init_from: Path | None = None,
+          data_seed: int = data.TRAIN_SEED, weights: dict = data.TASK_WEIGHTS,
+          multi_turn: float = data.MULTI_TURN_RATE) -> None:
+    """Train from scratch, or continue a saved demo model (`init_from`: its weights and its
+    tokenizer files; a new LR schedule; chats from `data_seed`, so not the ones seen before)."""
     tune_cpu()
     t_start = time.perf_counter()
     mx.random.seed(seed)
     set_kda_path("chunked")
-    corpus = [data.chat_text(e.conversation()) for e in data.generate(20000, data.TRAIN_SEED)]
-    tokenizer = bpe.build_tokenizer(out, corpus, NUM_RANKS)
+    if init_from is None:
+        corpus = [data.chat_text(e.conversation()) for e in data.generate(20000, data.TRAIN_SEED)]
+        tokenizer = bpe.build_tokenizer(out, corpus, NUM_RANKS)
+    else:
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tiktoken.model", "tokenizer_config.json"):
+            if Path(init_from).resolve() != out.resolve():
+                shutil.copy(Path(init_from) / name, out / name)
+        tokenizer = load_tokenizer(out)
+        config = json.loads((Path(init_from) / "config.json").read_text())
     args = ModelArgs.from_dict(config)
     assert tokenizer.vocab_size == args.vocab_size, (tokenizer.vocab_size, args.vocab_size)
     model = Model(args)
     init_params(model, seed)
+    if init_from is not None:
+        model.load_weights(list(tree_flatten(load_model(init_from, dtype=mx.float32).parameters())), strict=True)
     moes = add_recording_gates(model)
     model.freeze(keys=["e_score_correction_bias"], strict=False)
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
@@ -279,7 +296,7 @@ def train(minutes: float, max_steps: int, out: Path, lr: float, tokens_per_batch
     opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.98], weight_decay=0.01)
     step_fn = nn.value_and_grad(model, loss_fn)
     eval_set = data.heldout(10, data.EVAL_SEED + 7)
-    stream = batches(tokenizer, seed, tokens_per_batch)
+    stream = batches(tokenizer, data_seed, tokens_per_batch, weights, multi_turn)
     losses, accs, step, drawn, t_eval = [], [], 0, 0, 0.0
     while step < max_steps and time.perf_counter() - t_start - t_eval < minutes * 60:
         inputs, targets, mask, drawn = next(stream)
@@ -308,17 +325,36 @@ def train(minutes: float, max_steps: int, out: Path, lr: float, tokens_per_batch
 
     save_original(model, config, out)
     check_saved(model, out, tokenizer)
-    unseen = data.heldout(50, data.EVAL_SEED, exclude=data.seen_prompts(drawn, data.TRAIN_SEED))
+    # Every chat any stage of training drew: (data seed, chats drawn) per stage.
+    stages = [] if init_from is None else training_stages(Path(init_from))
+    stages.append({"data_seed": data_seed, "chats": drawn, "weights": weights, "multi_turn": multi_turn})
+    seen = seen_in_training(stages)
+    unseen = data.heldout(50, data.EVAL_SEED, exclude=seen)
     scores = score_examples(model, tokenizer, unseen)
     print("final, 50 unseen chats per task, in memory fp32: " + "  ".join(f"{t} {a:.0%}" for t, a in scores.items()))
     shipped = score_examples(load_model(out, dtype=mx.float32), tokenizer, unseen)
     print("final, 50 unseen chats per task, saved bf16 weights: " + "  ".join(f"{t} {a:.0%}" for t, a in shipped.items()))
     info = {
-        "seed": seed, "steps": step, "chats_drawn": drawn, "tokens_per_batch": tokens_per_batch, "lr": lr,
+        "seed": seed, "steps": step, "chats_drawn": drawn, "data_stages": stages,
+        "init_from": None if init_from is None else json.loads((Path(init_from) / "training.json").read_text()), "tokens_per_batch": tokens_per_batch, "lr": lr,
         "train_minutes": round(train_minutes, 1), "final_loss": round(final_loss, 4), "params": n_params,
         "heldout_accuracy_unseen_50": shipped,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def training_stages(folder: Path) -> list[dict]:
+    """The chat streams of every training stage behind a saved demo model (a first model's
+    training.json has no stages: one stage of the default stream)."""
+    info = json.loads((folder / "training.json").read_text())
+    return info.get("data_stages") or [{"data_seed": data.TRAIN_SEED, "chats": info["chats_drawn"],
+                                        "weights": data.TASK_WEIGHTS, "multi_turn": 0.0}]
+
+
+def seen_in_training(stages: list[dict]) -> set[str]:
+    """Every user prompt the stages drew (replayed from their seeded streams)."""
+    return set().union(*(data.seen_prompts(st["chats"], st["data_seed"], st["weights"], st["multi_turn"])
+                         for st in stages))
 
 
 def check_saved(model: Model, folder: Path, tokenizer) -> None:
@@ -348,6 +384,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (padding included)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--init-from", type=Path, default=None, help="continue training this saved demo model")
+    parser.add_argument("--data-seed", type=int, default=data.TRAIN_SEED, help="seed of the chat stream")
+    parser.add_argument("--weights", nargs="*", default=[], metavar="TASK=W", help="task mix, e.g. count=3")
+    parser.add_argument("--multi-turn", type=float, default=data.MULTI_TURN_RATE, help="share of 2-3 turn chats")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                         help="override config.json fields, e.g. moe_intermediate_size=64")
     a = parser.parse_args(argv)
@@ -355,7 +395,14 @@ def main(argv=None) -> None:
     for item in a.set:
         key, value = item.split("=", 1)
         config[key] = json.loads(value)
-    train(a.minutes, a.steps, a.out, a.lr, a.tokens, a.eval_every, a.log_every, config=config)
+    weights = dict(data.TASK_WEIGHTS)
+    for item in a.weights:
+        task, w = item.split("=", 1)
+        if task not in weights:
+            parser.error(f"--weights: unknown task {task!r}; tasks: {', '.join(weights)}")
+        weights[task] = float(w)
+    train(a.minutes, a.steps, a.out, a.lr, a.tokens, a.eval_every, a.log_every, config=config,
+          init_from=a.init_from, data_seed=a.data_seed, weights=weights, multi_turn=a.multi_turn)
 
 
 if __name__ == "__main__":
