@@ -76,6 +76,10 @@ def open_source(src: str | Path) -> Source:
     """A local folder or `org/name` on the hub -> a validated Source (nothing read but headers)."""
     local = Path(src).expanduser()
     repo_id = revision = None
+    if str(src) == "demo" and not local.exists():  # the shipped demo model, as everywhere else
+        from kimi_mlx.loading import demo_model_path
+
+        local = demo_model_path()
     if local.is_dir():
         folder = local
     elif local.exists():
