@@ -141,13 +141,17 @@ class _Attention:
                 m = block_max
                 p = mx.exp(s - m)
                 l, acc = p.sum(axis=-1, keepdims=True), pv(p).astype(mx.float32)
-                continue
-            m_new = mx.maximum(m, block_max)
-            p = mx.exp(s - m_new)
-            correction = mx.exp(m - m_new)
-            l = l * correction + p.sum(axis=-1, keepdims=True)
-            acc = acc * correction + pv(p).astype(mx.float32)
-            m = m_new
+            else:
+                m_new = mx.maximum(m, block_max)
+                p = mx.exp(s - m_new)
+                correction = mx.exp(m - m_new)
+                l = l * correction + p.sum(axis=-1, keepdims=True)
+                acc = acc * correction + pv(p).astype(mx.float32)
+                m = m_new
+            if len(blocks) > 1:
+                # Lazy graphs would hold every block's scores at once; evaluating the running
+                # softmax state makes the blocks run one after another (memory of one block).
+                mx.eval(m, l, acc)
         return self.finish(acc / l)
 
 
