@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import mlx.core as mx
 
+from .experts import get_expert_path
 from .kda import get_kda_path, kda_chunked, kda_mx_fast, kda_naive
 from .kda import metal as kda_metal_mod
 
@@ -112,6 +113,8 @@ def report() -> str:
         f"KDA path: decode {get_kda_path(1, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))}, "
         f"prefill {get_kda_path(2048, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))} "
         "(KIMI_MLX_KDA_PATH=naive|chunked|mx_fast|metal)",
+        f"MoE experts: {get_expert_path()} (KIMI_MLX_EXPERT_PATH=gather|grouped; auto: grouped for "
+        "CPU prefill of float experts, else gather)",
         "ops paths:",
         *check_ops_paths(),
         *kernel_report(),

@@ -3,8 +3,8 @@
 Router (as the reference): scores = sigmoid(x W_gate^T) in fp32; the correction bias is added for
 the CHOICE of the top-k experts only; the chosen raw scores are renormalised to sum 1 and scaled
 by routed_scaling_factor. One shared expert is always added.
-Experts run through mlx-lm's SwitchGLU (gather matmuls, quantized or not); it sorts tokens by
-expert when there are many (prefill), so each expert's work scales with the tokens it sees.
+Experts hold mlx-lm's SwitchGLU weights (quantized or not) and run on one of two paths (see
+experts.py): gather matmuls, or on CPU prefill one matmul per expert over the tokens it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import ModelArgs
+from .experts import run_experts
 
 
 class MLP(nn.Module):
@@ -59,13 +60,9 @@ class SparseMoE(nn.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         # Router in fp32 (as the reference): near-ties between experts must not flip with the activation dtype.
         ids, weights = route(self.gate(x.astype(mx.float32)), self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
-        y = self.switch_mlp(self._expert_input(x), ids)  # [B, T, k, hidden]
-        y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        B, T, D = x.shape
+        y = run_experts(self.switch_mlp, x.reshape(B * T, D), ids.reshape(B * T, -1), weights.reshape(B * T, -1))
+        y = y.reshape(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
-
-    def _expert_input(self, x: mx.array) -> mx.array:
-        """Match x to unquantized expert weights: on CPU they stay fp32 (MLX's CPU gather_mm is fp32-only)."""
-        w = self.switch_mlp.gate_proj.weight
-        return x.astype(w.dtype) if mx.issubdtype(w.dtype, mx.floating) else x

@@ -28,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..config import ModelArgs
+from ..experts import set_expert_path
 from ..kda import set_kda_path
 from ..loading import load_model
 from ..model import Model
@@ -265,6 +266,7 @@ def train(minutes: float, max_steps: int, out: Path, lr: float, tokens_per_batch
     t_start = time.perf_counter()
     mx.random.seed(seed)
     set_kda_path("chunked")
+    set_expert_path("gather")  # the grouped path reads expert counts on the host mid-graph
     if init_from is None:
         corpus = [data.chat_text(e.conversation()) for e in data.generate(20000, data.TRAIN_SEED)]
         tokenizer = bpe.build_tokenizer(out, corpus, NUM_RANKS)
