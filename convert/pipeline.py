@@ -108,13 +108,13 @@ def _write_shards(source: Source, plan: Plan, folder: Path, progress: Progress) 
         bar.set_postfix_str(f"{count[0]}/{n_tensors} tensors", refresh=False)
 
     sink = Sink(folder, plan, progress, on_tensor=tensor_written)
+    streams = compute_streams()
     ahead = Readahead([(source.folder / t.file, t.offset, t.nbytes)
                        for g in todo for t in map(source.tensors.get, g.read_order())])
     try:
         for group in todo:
             covered = 0
-            for outputs, nbytes in group.pieces(source, dtype):
-                mx.eval([a for _, a in outputs])  # the outputs of one piece together (quantize once)
+            for outputs, nbytes in evaluated(group.pieces(source, dtype, len(streams)), streams):
                 for name, piece in outputs:
                     sink.put(name, piece)
                 step = min(nbytes, group.source_bytes - covered)
@@ -129,6 +129,35 @@ def _write_shards(source: Source, plan: Plan, folder: Path, progress: Progress) 
         ahead.close()
         sink.close()
         bar.close()
+
+
+def compute_streams() -> list:
+    """Where pieces are computed. On a CPU with several cores: two CPU streams, because MLX runs
+    each stream's ops on its own thread and its CPU quantize is single-threaded (the converter's
+    bound there: 2.5-3x faster on 2 cores, bench/bench_convert.py). Elsewhere (a Mac's GPU) the
+    default stream."""
+    if mx.default_device() == mx.cpu and (os.cpu_count() or 1) >= 2:
+        return [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    return [mx.default_stream(mx.default_device())]
+
+
+def evaluated(pieces, streams: list):
+    """Build consecutive pieces on the streams in turn (load, stack, quantize: each piece's whole
+    graph on one stream) and evaluate them together, then hand them on in order. The same ops run
+    whichever stream holds them, so the output bytes do not depend on the stream count."""
+    pieces = iter(pieces)
+    while True:
+        batch = []
+        for stream in streams:
+            with mx.stream(stream):
+                piece = next(pieces, None)  # the generator builds the piece's graph here
+            if piece is None:
+                break
+            batch.append(piece)
+        if not batch:
+            return
+        mx.eval([a for outputs, _ in batch for _, a in outputs])
+        yield from batch
 
 
 def _write_metadata(source: Source, plan: Plan, folder: Path) -> None:

@@ -61,20 +61,22 @@ class Group:
         prefix, which, n = self.expert
         return [f"{prefix}.block_sparse_moe.experts.{e}.{which}.weight" for e in range(n)]
 
-    def pieces(self, source: Source, dtype: mx.Dtype | None):
+    def pieces(self, source: Source, dtype: mx.Dtype | None, multiple: int = 1):
         """-> iterator of (output pieces [(name, lazy array)], source bytes they cover).
 
-        Pieces of one output tensor are consecutive row blocks of it (axis 0), in order.
+        Pieces of one output tensor are consecutive row blocks of it (axis 0), in order, of
+        about equal size and at most CHUNK_BYTES; a split tensor's piece count is a multiple of
+        `multiple` (the pipeline's stream count, so the streams get equal work).
         """
         if self.expert is None:
             laid_out = to_mlx_layout({n: source.take(n) for n in self.sources}, source.args)
             for name in sorted(laid_out):
                 w, spec = laid_out.pop(name), self.specs.get(name[: -len(".weight")])
-                if w.ndim < 2 or w.nbytes <= CHUNK_BYTES:
+                if not _split_rows(w, multiple):
                     yield finish(name, w, spec, dtype), w.nbytes
                     continue
                 mx.eval(w)  # e.g. embed_tokens: read once, then cast/quantize in row blocks
-                step = max(1, w.shape[0] * CHUNK_BYTES // w.nbytes)
+                step = _piece_rows(w.shape[0], w.nbytes, multiple)
                 for i in range(0, w.shape[0], step):
                     yield finish(name, w[i : i + step], spec, dtype), w[i : i + step].nbytes
             return
@@ -82,13 +84,27 @@ class Group:
         name = f"{prefix}.mlp.switch_mlp.{_EXPERT_NAMES[which]}.weight"
         spec = self.specs.get(name[: -len(".weight")])
         order = self.read_order()
-        step = max(1, CHUNK_BYTES // max(1, self.source_bytes // count))
+        step = _piece_rows(count, self.source_bytes, multiple)
         for start in range(0, count, step):
             # Experts start.. renumbered from 0: their stack is rows start.. of the whole stack.
             part = {f"{prefix}.block_sparse_moe.experts.{e}.{which}.weight": source.take(src)
                     for e, src in enumerate(order[start : start + step])}
             stacked = stack_experts(part, len(part))[name]
             yield finish(name, stacked, spec, dtype), stacked.nbytes
+
+
+def _piece_rows(rows: int, nbytes: int, multiple: int) -> int:
+    """Rows per piece of a tensor (or expert stack) split along axis 0: as few pieces as
+    CHUNK_BYTES allows, their count rounded up to `multiple`, sizes as equal as rows allow."""
+    pieces = -(-nbytes // CHUNK_BYTES)  # ceil
+    pieces = -(-pieces // multiple) * multiple
+    return -(-rows // min(rows, pieces))
+
+
+def _split_rows(w: mx.array, multiple: int) -> bool:
+    """Whether a single tensor is cast/quantized in row blocks: when over CHUNK_BYTES (memory),
+    or, with several streams, when large enough that sharing it pays (1/8 of a chunk)."""
+    return w.ndim >= 2 and (w.nbytes > CHUNK_BYTES or (multiple > 1 and w.nbytes > CHUNK_BYTES // 8))
 
 
 @dataclass

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +28,14 @@ PROGRESS = "convert-progress.json"
 
 
 class ShardWriter:
-    """One safetensors file, written in plan order and hashed on the way."""
+    """One safetensors file, written in plan order and hashed on the way.
+
+    Pieces are written and hashed by one background thread (file writes and sha256 release the
+    GIL), so disk output overlaps the next pieces' compute; at most MAX_QUEUED_BYTES wait. Errors
+    surface on the next write() or at finish().
+    """
+
+    MAX_QUEUED_BYTES = 512 << 20
 
     def __init__(self, path: Path, tensors: list[OutTensor]):
         header, offset = {}, 0
@@ -40,6 +49,8 @@ class ShardWriter:
         self.sha = hashlib.sha256()
         self.size = 0
         self.f = _guard(self.tmp, lambda: open(self.tmp, "wb"))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-writer")
+        self.queued: deque = deque()  # (future, nbytes), oldest first
         self._write(struct.pack("<Q", len(blob)) + blob)
 
     def _write(self, data) -> None:
@@ -50,7 +61,15 @@ class ShardWriter:
     def write(self, piece: mx.array) -> None:
         piece = mx.contiguous(piece)
         mx.eval(piece)
-        self._write(memoryview(piece))
+        self._settle(self.MAX_QUEUED_BYTES - piece.nbytes)
+        # The closure keeps `piece` alive until its bytes are on their way to disk.
+        self.queued.append((self.pool.submit(lambda: self._write(memoryview(piece))), piece.nbytes))
+
+    def _settle(self, max_queued: int) -> None:
+        """Wait for the oldest writes until at most max_queued bytes wait; re-raise their errors."""
+        while self.queued and (self.queued[0][0].done() or sum(n for _, n in self.queued) > max_queued):
+            future, _ = self.queued.popleft()
+            future.result()
 
     def finish(self) -> dict:
         def close():
@@ -59,10 +78,13 @@ class ShardWriter:
             self.f.close()
             os.replace(self.tmp, self.path)
 
+        self._settle(-1)
+        self.pool.shutdown()
         _guard(self.tmp, close)
         return {"size": self.size, "sha256": self.sha.hexdigest()}
 
     def abandon(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
         self.f.close()
 
 

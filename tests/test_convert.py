@@ -144,6 +144,18 @@ def test_sharded_source_and_small_chunks_give_identical_shards(ref32, sharded, o
     assert all(want[k] == got[k] for k in want if k != "README.md")  # the card names the source folder
 
 
+@pytest.mark.parametrize("n_streams", [1, 2])
+def test_stream_count_changes_no_byte(ref32, out, tmp_path, monkeypatch, n_streams):
+    """Pieces computed on one stream, or on two in turn (the CPU default), give the same files."""
+    want = files(out("q4", Q4))
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)][:n_streams]
+    monkeypatch.setattr(pipeline, "compute_streams", lambda: streams)
+    monkeypatch.setattr(plan, "CHUNK_BYTES", 8192)  # several pieces per expert stack and embedding
+    got = files(run(ref32.folder, tmp_path / "dst", Q4).dst)
+    assert want.keys() == got.keys()
+    assert all(want[k] == got[k] for k in want if k != "README.md")
+
+
 def test_report_scores_identical_weights_perfectly(ref32, out):
     rows = compare_models(ref32.folder, [out("fp32", FP32), out("q4", Q4)], n_tokens=64)
     assert rows[0].top1 == 1.0 and rows[0].kl_mean < 1e-6
