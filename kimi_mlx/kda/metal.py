@@ -49,7 +49,10 @@ import numpy as np
 from .chunked import _decay_gram, _to_chunks, kda_chunked
 from .naive import kda_naive
 
-METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+# The repo's metal/ folder (source checkouts, editable installs), else the copy a wheel installs
+# as kimi_mlx/metal/ (pyproject.toml maps it there).
+METAL_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "metal", Path(__file__).resolve().parents[1] / "metal")
+                  if (d / "kda_decode.metal").is_file()), Path(__file__).resolve().parents[2] / "metal")
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
 CHUNK = 64  # chunk length of the prefill form
