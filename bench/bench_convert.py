@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,18 +178,23 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    rows = [("read", read_s, read_rss), ("convert", conv_s, conv_rss)]
+    # The converter's own time from its summary line ("...; 6.5 s, peak memory ..."): without the
+    # process start (~3 s here, mostly mlx-lm importing transformers), which a 98 GB run amortises.
+    inner = re.search(r"; ([0-9.]+) s, peak memory", out)
+    inner_s = float(inner.group(1)) if inner else conv_s
+    rows = [("read", read_s, read_rss), ("convert", conv_s, conv_rss), ("  inside", inner_s, conv_rss)]
     print(f"\nsource {'dropped from' if cold else 'kept in'} the page cache before each run")
     print(f"{'':8} {'seconds':>8} {'GB/s':>6} {'peak RSS':>9}")
     for name, s, rss in rows:
         print(f"{name:8} {s:8.1f} {size / s / 1e9:6.2f} {rss / 1e9:7.2f} GB")
-    print(f"\nconvert / read time: {conv_s / read_s:.2f}x (target <= 2x); "
+    print(f"\nconvert / read time: {conv_s / read_s:.2f}x, {inner_s / read_s:.2f}x without process start (target <= 2x); "
           f"peak RSS {conv_rss / 1e9:.2f} GB (target < 3 GB); output {out_bytes / 1e9:.2f} GB")
     print(out.strip().splitlines()[-1] if out.strip() else "")
     result = {"source_bytes": size, "output_bytes": out_bytes, "experts": args.experts,
               "layers": config["num_hidden_layers"], "convert_args": args.convert_args,
-              "read": {"seconds": read_s, "peak_rss": read_rss}, "convert": {"seconds": conv_s, "peak_rss": conv_rss},
-              "ratio": conv_s / read_s, "cold_cache": cold, "load_avg": os.getloadavg()}
+              "read": {"seconds": read_s, "peak_rss": read_rss},
+              "convert": {"seconds": conv_s, "seconds_without_start": inner_s, "peak_rss": conv_rss},
+              "ratio": conv_s / read_s, "ratio_without_start": inner_s / read_s, "cold_cache": cold, "load_avg": os.getloadavg()}
     path = ROOT / "bench" / "results" / "bench_convert.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -86,11 +86,12 @@ class Group:
         order = self.read_order()
         step = _piece_rows(count, self.source_bytes, multiple)
         for start in range(0, count, step):
-            # Experts start.. renumbered from 0: their stack is rows start.. of the whole stack.
-            part = {f"{prefix}.block_sparse_moe.experts.{e}.{which}.weight": source.take(src)
-                    for e, src in enumerate(order[start : start + step])}
-            stacked = stack_experts(part, len(part))[name]
-            yield finish(name, stacked, spec, dtype), stacked.nbytes
+            # Experts start.. are rows start.. of the stack the plan made with stack_experts. finish
+            # works row by row, so finishing each expert and stacking the results gives the same
+            # bytes, and stacks quantized outputs (4x smaller at 4 bits) instead of bf16 inputs.
+            experts = [finish(name, source.take(src), spec, dtype) for src in order[start : start + step]]
+            outputs = [(out_name, mx.stack([e[j][1] for e in experts])) for j, (out_name, _) in enumerate(experts[0])]
+            yield outputs, len(experts) * (self.source_bytes // count)
 
 
 def _piece_rows(rows: int, nbytes: int, multiple: int) -> int:
