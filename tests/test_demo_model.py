@@ -48,8 +48,10 @@ def unseen():
 
 
 def test_scores_on_heldout_tasks(model, tokenizer, unseen):
-    # 50 unseen chats per task (this sample: 90/100/100/92/92%). On 200 per task the shipped model
-    # scores addition 94%, copy 100%, reverse 100%, count 91%, recall 89.5%: recall is borderline.
+    # A fixed sample of 50 unseen chats per task (90/100/100/92/92%): a regression guard, not the
+    # model's true accuracy. On 400 unseen chats per task (one task at a time) the shipped model
+    # scores addition 92.8%, copy 100%, reverse 100%, count 92.2%, recall 86.5%: recall is below
+    # the issue's 90% (issue 5 stays open).
     examples = unseen
     scores = score_examples(model, tokenizer, examples)
     assert set(scores) == set(data.TASKS)
