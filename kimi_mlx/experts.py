@@ -18,14 +18,15 @@ Which path runs: explicit `path` argument > set_expert_path() > $KIMI_MLX_EXPERT
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+from .switch import PathSwitch
+
 ENV_VAR = "KIMI_MLX_EXPERT_PATH"
 EXPERT_PATHS = ("gather", "grouped")
+_switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 
 # Auto takes the grouped path on CPU, for float experts, from this many (token, expert) rows per
 # expert on average. Measured with bench/bench_moe.py (hidden 1024, 64 experts of 256, top-8,
@@ -34,19 +35,10 @@ EXPERT_PATHS = ("gather", "grouped")
 # matmul is the bound either way), so they keep the gather path.
 CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
 
-_forced: str | None = None
-
-
-def _check(name: str, where: str) -> str:
-    if name not in EXPERT_PATHS:
-        raise ValueError(f"unknown expert path {name!r} ({where}); valid: {', '.join(EXPERT_PATHS)}")
-    return name
-
 
 def set_expert_path(name: str | None) -> None:
     """Force every MoE layer to one path; None goes back to env var / auto."""
-    global _forced
-    _forced = None if name is None else _check(name, "set_expert_path")
+    _switch.force(name, "set_expert_path")
 
 
 def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> str:
@@ -54,11 +46,8 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
 
     Without arguments: the forced path (set_expert_path, then the env var), or "auto".
     """
-    if _forced is not None:
-        return _forced
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check(env, f"${ENV_VAR}")
+    if (forced := _switch.forced()) is not None:
+        return forced
     if mlp is None or rows is None:
         return "auto"
     if mx.metal.is_available() or isinstance(mlp.gate_proj, QuantizedSwitchLinear):
@@ -100,7 +89,7 @@ def experts_grouped(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.arra
 
 def run_experts(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array, path: str | None = None) -> mx.array:
     """x [N, D], ids/weights [N, k] -> [N, D] on the chosen path."""
-    name = _check(path, "path argument") if path is not None else get_expert_path(mlp, ids.size)
+    name = _switch.check(path, "path argument") if path is not None else get_expert_path(mlp, ids.size)
     return (experts_grouped if name == "grouped" else experts_gather)(mlp, x, ids, weights)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
+
+from ..switch import PathSwitch
 
 from .chunked import kda_chunked
 from .metal import kda_metal, metal_ready
@@ -29,19 +29,12 @@ KDA_PATHS = tuple(_PATHS)
 # Below that, mx.fast's per-token loop beats padding to a whole chunk.
 CPU_CHUNKED_MIN_T = 32
 
-_forced: str | None = None
-
-
-def _check(name: str, where: str) -> str:
-    if name not in _PATHS:
-        raise ValueError(f"unknown KDA path {name!r} ({where}); valid: {', '.join(KDA_PATHS)}")
-    return name
+_switch = PathSwitch("KDA path", ENV_VAR, KDA_PATHS)
 
 
 def set_kda_path(name: str | None) -> None:
     """Force every kda_update call to one path; None goes back to env var / auto."""
-    global _forced
-    _forced = None if name is None else _check(name, "set_kda_path")
+    _switch.force(name, "set_kda_path")
 
 
 def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
@@ -62,11 +55,8 @@ def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
     With seq_len None: the forced path (set_kda_path, then the env var), or "auto".
     shape = (H, Dk, Dv, q dtype, v dtype) lets auto choose the Metal kernels.
     """
-    if _forced is not None:
-        return _forced
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check(env, f"${ENV_VAR}")
+    if (forced := _switch.forced()) is not None:
+        return forced
     return "auto" if seq_len is None else _auto_path(seq_len, shape)
 
 
@@ -77,5 +67,5 @@ def kda_update(q, k, v, g, beta, state=None, path: str | None = None):
     """
     _, T, H, Dk = k.shape
     shape = (H, Dk, v.shape[-1], q.dtype, v.dtype)
-    name = _check(path, "path argument") if path is not None else get_kda_path(T, shape)
+    name = _switch.check(path, "path argument") if path is not None else get_kda_path(T, shape)
     return _PATHS[name](q, k, v, g, beta, state)
