@@ -2,8 +2,10 @@
 
 Streaming: the source is read group by group (a layer's non-expert tensors; then each expert
 projection a chunk of experts at a time), transformed with kimi_mlx.weights' renaming steps,
-cast/quantized, and appended to the output shard being written. Peak memory is about one chunk
-of source (plan.CHUNK_BYTES) and its outputs, whatever the model size.
+cast/quantized, and appended to the output shard being written. On a CPU two pieces are computed
+at once (one per stream, see compute_streams) while a writer thread empties the previous ones to
+disk, so peak memory is about two chunks of source (plan.CHUNK_BYTES each), their outputs and the
+write queue, whatever the model size.
 
 Reliability: everything is checked and planned before the first read (source.py, plan.py); the
 output is built in DST.partial/ and renamed to DST only when complete, so a DST never looks
