@@ -24,7 +24,7 @@ import mlx.core as mx
 from kimi_mlx.errors import ModelFormatError
 from kimi_mlx.loading import _check_names_and_shapes
 from kimi_mlx.model import FP32_PARAMS, Model
-from kimi_mlx.weights import stack_experts, to_mlx_layout
+from kimi_mlx.weights import to_mlx_layout
 
 from .recipe import DTYPES, ConvertOptions
 from .source import MX_TO_ST, Source
@@ -86,9 +86,9 @@ class Group:
         order = self.read_order()
         step = _piece_rows(count, self.source_bytes, multiple)
         for start in range(0, count, step):
-            # Experts start.. are rows start.. of the stack the plan made with stack_experts. finish
-            # works row by row, so finishing each expert and stacking the results gives the same
-            # bytes, and stacks quantized outputs (4x smaller at 4 bits) instead of bf16 inputs.
+            # Experts start.. are rows start.. of the stack the plan made (to_mlx_layout ->
+            # stack_experts). finish works row by row, so finishing each expert and stacking the
+            # results gives the same bytes, and stacks quantized outputs (4x smaller at 4 bits).
             experts = [finish(name, source.take(src), spec, dtype) for src in order[start : start + step]]
             outputs = [(out_name, mx.stack([e[j][1] for e in experts])) for j, (out_name, _) in enumerate(experts[0])]
             yield outputs, len(experts) * (self.source_bytes // count)
