@@ -3,7 +3,7 @@
     fn(mlp: SwitchGLU, x [N, D], ids [N, k] int, weights [N, k] fp32) -> [N, D]
         = sum_j weights[:, j] * expert_{ids[:, j]}(x)          (N = tokens, k = experts per token)
 
-`experts_gather` (the reference, and what runs on Metal and for decode): mlx-lm's SwitchGLU,
+`experts_gather` (the reference, and what runs on a GPU and for decode): mlx-lm's SwitchGLU,
 MLX's gather matmuls; it sorts rows by expert when there are many.
 `experts_grouped` (prefill on CPU): sort the N*k rows by expert, read each expert's row count
 on the host, and run one plain matmul per expert over its contiguous slice. Why: MLX's CPU
@@ -28,10 +28,10 @@ ENV_VAR = "KIMI_MLX_EXPERT_PATH"
 EXPERT_PATHS = ("gather", "grouped")
 _switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 
-# Auto takes the grouped path on CPU, for float experts, from this many (token, expert) rows per
-# expert on average. Measured with bench/bench_moe.py (hidden 1024, 64 experts of 256, top-8,
-# OpenBLAS): grouped/gather speed 0.9x at 12 rows, 1.14x at 16, 2x at 64, 2.5x at 512; below,
-# per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x: the CPU's quantized
+# Auto takes the grouped path when the default device is the CPU, for float experts, from this
+# many (token, expert) rows per expert on average. Measured with bench/bench_moe.py (hidden 1024,
+# 64 experts of 256, top-8, OpenBLAS): grouped/gather speed 0.9x at 12 rows, 1.14x at 16, 2x at
+# 64, 2.5x at 512; below, per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x: the CPU's quantized
 # matmul is the bound either way), so they keep the gather path.
 CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
 
@@ -50,8 +50,8 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
         return forced
     if mlp is None or rows is None:
         return "auto"
-    if mx.metal.is_available() or isinstance(mlp.gate_proj, QuantizedSwitchLinear):
-        return "gather"
+    if mx.default_device() != mx.cpu or isinstance(mlp.gate_proj, QuantizedSwitchLinear):
+        return "gather"  # a GPU (Metal's gather_mm segments sorted rows itself), or quantized experts
     return "grouped" if rows >= CPU_GROUPED_MIN_ROWS_PER_EXPERT * mlp.gate_proj.num_experts else "gather"
 
 

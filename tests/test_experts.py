@@ -91,7 +91,7 @@ def test_grouped_equals_gather_quantized(bits, mode):
 
 
 def test_auto_path_on_cpu(monkeypatch):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
     mlp, *_ = make_case(1)
     per_expert = experts.CPU_GROUPED_MIN_ROWS_PER_EXPERT * 16
     assert get_expert_path() == "auto"
@@ -102,8 +102,8 @@ def test_auto_path_on_cpu(monkeypatch):
     assert get_expert_path(mlp, 100 * per_expert) == "gather"  # quantized experts gain nothing
 
 
-def test_auto_path_on_metal_is_gather(monkeypatch):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+def test_auto_path_on_a_gpu_is_gather(monkeypatch):
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     mlp, *_ = make_case(1)
     assert get_expert_path(mlp, 10**6) == "gather"
 
