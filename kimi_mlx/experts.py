@@ -31,8 +31,8 @@ _switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 # Auto takes the grouped path when the default device is the CPU, for float experts, from this
 # many (token, expert) rows per expert on average. Measured with bench/bench_moe.py (hidden 1024,
 # 64 experts of 256, top-8, OpenBLAS): grouped/gather speed 0.9x at 12 rows, 1.14x at 16, 2x at
-# 64, 2.5x at 512; below, per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x: the CPU's quantized
-# matmul is the bound either way), so they keep the gather path.
+# 64, 2.5x at 512; below, per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x:
+# the CPU's quantized matmul is the bound either way), so they keep the gather path.
 CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
 
 

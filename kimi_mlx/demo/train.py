@@ -338,7 +338,8 @@ def train(minutes: float, max_steps: int, out: Path, lr: float, tokens_per_batch
     print("final, 50 unseen chats per task, saved bf16 weights: " + "  ".join(f"{t} {a:.0%}" for t, a in shipped.items()))
     info = {
         "seed": seed, "steps": step, "chats_drawn": drawn, "data_stages": stages,
-        "init_from": None if init_from is None else json.loads((Path(init_from) / "training.json").read_text()), "tokens_per_batch": tokens_per_batch, "lr": lr,
+        "init_from": None if init_from is None else json.loads((Path(init_from) / "training.json").read_text()),
+        "tokens_per_batch": tokens_per_batch, "lr": lr,
         "train_minutes": round(train_minutes, 1), "final_loss": round(final_loss, 4), "params": n_params,
         "heldout_accuracy_unseen_50": shipped,
     }

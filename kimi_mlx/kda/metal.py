@@ -49,10 +49,16 @@ import numpy as np
 from .chunked import _decay_gram, _to_chunks, kda_chunked
 from .naive import kda_naive
 
-# The repo's metal/ folder (source checkouts, editable installs), else the copy a wheel installs
-# as kimi_mlx/metal/ (pyproject.toml maps it there).
-METAL_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "metal", Path(__file__).resolve().parents[1] / "metal")
-                  if (d / "kda_decode.metal").is_file()), Path(__file__).resolve().parents[2] / "metal")
+
+def _metal_dir() -> Path:
+    """The repo's metal/ (checkouts, editable installs), else the kimi_mlx/metal/ a wheel installs
+    (pyproject.toml maps it there)."""
+    here = Path(__file__).resolve()
+    candidates = (here.parents[2] / "metal", here.parents[1] / "metal")
+    return next((d for d in candidates if (d / "kda_decode.metal").is_file()), candidates[0])
+
+
+METAL_DIR = _metal_dir()
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
 CHUNK = 64  # chunk length of the prefill form
