@@ -107,12 +107,12 @@ MX_STANDIN = getattr(mx, "__stand_in__", False)
 
 
 def _load_metal_py() -> dict:
-    """load_sources / _load_all / KernelSource / supports and the launch constants of
+    """load_sources / _load_all / KernelSource / supports / _metal_dir and the launch constants of
     kimi_mlx/kda/metal.py, executed from that file's own text (importing the module needs MLX)."""
     path = ROOT / "kimi_mlx" / "kda" / "metal.py"
     tree = ast.parse(path.read_text(), str(path))
     names = {"METAL_DIR", "CHUNK", "SEGMENT", "DECODE_THREADS", "DECODE_ROWS", "_MARK"}
-    funcs = {"KernelSource", "load_sources", "_load_all", "supports"}
+    funcs = {"KernelSource", "load_sources", "_load_all", "supports", "_metal_dir"}
     keep = []
     for node in tree.body:
         if isinstance(node, ast.Assign):
