@@ -28,19 +28,34 @@ class ShortConv(nn.Module):
         self.conv.weight = mx.zeros((channels, kernel_size, 1))
         self.kernel_size = kernel_size
 
-    def __call__(self, x: mx.array, window: mx.array | None) -> tuple[mx.array, mx.array]:
-        """x: [B, T, C], window: [B, K-1, C] or None -> (silu(conv) [B, T, C], new window [B, K-1, C])."""
+    def __call__(self, x: mx.array, window: mx.array | None,
+                 valid: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """x: [B, T, C], window: [B, K-1, C] or None, valid: [B, T] bool (False = LEFT padding) or
+        None -> (silu(conv) [B, T, C], new window [B, K-1, C]). Each row's real tokens see the
+        window then its earlier real tokens, never its padding, and the new window holds the
+        last K-1 real inputs of the row (padded positions' outputs are meaningless)."""
         B, T, C = x.shape
         K = self.kernel_size
         if window is None:
             window = mx.zeros((B, K - 1, C), dtype=x.dtype)
         xs = mx.concatenate([window, x], axis=1)  # [B, K-1+T, C]
+        if valid is not None:
+            xs = _pads_first(xs, T - valid.sum(axis=1).astype(mx.int32), K - 1)
         w = self.conv.weight[:, :, 0]  # [C, K]
         # K is 4: a few shifted multiply-adds beat a grouped conv on every backend.
         out = xs[:, 0:T] * w[:, 0]
         for j in range(1, K):
             out = out + xs[:, j : j + T] * w[:, j]
         return nn.silu(out), xs[:, T:]
+
+
+def _pads_first(xs: mx.array, pads: mx.array, w: int) -> mx.array:
+    """xs [B, w+T, C] = [window (w), pads (p_b), real tokens] per row -> [pads, window, real
+    tokens], so the window sits right before the row's first real token. pads: [B] int32."""
+    j = mx.arange(xs.shape[1], dtype=mx.int32)[None]  # [1, w+T]
+    p = pads[:, None]  # [B, 1]
+    src = mx.where(j < p, w + j, mx.where(j < p + w, j - p, j))  # [B, w+T] source position
+    return mx.take_along_axis(xs, src[..., None], axis=1)
 
 
 def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -82,18 +97,22 @@ class KimiDeltaAttention(nn.Module):
         """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        if mask is not None:
-            # Padding tokens contribute nothing: zero input gives k = 0, so the state is untouched.
-            x = mx.where(mask[..., None].astype(mx.bool_), x, 0).astype(x.dtype)
+        valid = None if mask is None else mask.astype(mx.bool_)  # [B, T], False = left padding
+        if valid is not None:
+            x = mx.where(valid[..., None], x, 0).astype(x.dtype)
         windows = cache.conv if cache is not None and cache.conv is not None else [None] * 3
-        q, wq = self.q_conv(self.q_proj(x), windows[0])
-        k, wk = self.k_conv(self.k_proj(x), windows[1])
-        v, wv = self.v_conv(self.v_proj(x), windows[2])
+        q, wq = self.q_conv(self.q_proj(x), windows[0], valid)
+        k, wk = self.k_conv(self.k_proj(x), windows[1], valid)
+        v, wv = self.v_conv(self.v_proj(x), windows[2], valid)
         q = l2_normalize(q.reshape(B, T, H, D)) * (D**-0.5)  # [B, T, H, Dk] fp32
         k = l2_normalize(k.reshape(B, T, H, D))  # [B, T, H, Dk] fp32
         v = v.reshape(B, T, H, D)  # [B, T, H, Dv]
         g = self.forget_gate(x)  # [B, T, H, Dk] fp32
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # [B, T, H]
+        if valid is not None:
+            # A padded position leaves a carried state as it is: no decay (g = 0), no write (beta = 0).
+            g = mx.where(valid[..., None, None], g, 0.0)
+            beta = mx.where(valid[..., None], beta, 0.0)
 
         state = cache.recurrent if cache is not None else None
         o, state = kda_update(q, k, v, g, beta, state)  # o: [B, T, H, Dv]
