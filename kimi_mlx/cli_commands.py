@@ -38,7 +38,9 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
         if cached.raw != raw:
             raise KimiError(f"{prompt_cache}: cached {'with' if cached.raw else 'without'} --raw; "
                             f"generate {'with' if cached.raw else 'without'} it to continue")
-    elif not raw:
+    elif raw:  # --raw: the text as is; control-token text becomes control ids (the explicit way)
+        text = tokenizer.encode(text, allow_special=True)
+    else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         text = messages
     last = None

@@ -104,22 +104,26 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
 # ---------------------------------------------------------------- prompt caches
 
 
-def open_user_turn(tokenizer, text: str, system: str | None = None) -> tuple[str, str]:
-    """The template's text up to the end of a user turn holding `text` (the turn left open), and
-    what closes it and opens the assistant's reply."""
+def open_user_turn(tokenizer, text: str, system: str | None = None) -> tuple[list, list]:
+    """The template's (text, is_marker) pieces up to the end of a user turn holding `text` (the
+    turn left open), and the pieces that close it and open the assistant's reply. The user's
+    text is a plain piece: control-token text in it stays text (tokenizer.chat_segments)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text + _MARK}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if rendered.count(_MARK) != 1:
+    segments = tokenizer.chat_segments(messages, add_generation_prompt=True)
+    hits = [i for i, (piece, is_marker) in enumerate(segments) if not is_marker and _MARK in piece]
+    if len(hits) != 1 or segments[hits[0]][0].count(_MARK) != 1:
         raise KimiError("the chat template does not render the user's text verbatim; use --raw")
-    head, tail = rendered.split(_MARK)
-    return head, tail
+    i = hits[0]
+    before, after = segments[i][0].split(_MARK)
+    return segments[:i] + [(before, False)], [(after, False)] + segments[i + 1 :]
 
 
 def continue_open_turn(tokenizer, cached_text: str, prompt: str, system: str | None = None) -> list[int]:
-    """Ids that complete a user turn left open after `cached_text`: the separator, `prompt`, the
-    turn's close and the assistant header. The user message is cached_text + SEPARATOR + prompt."""
+    """Ids that complete a user turn left open after `cached_text`: the separator, `prompt` (as
+    text: control-token text in it stays text), the turn's close and the assistant header.
+    The user message is cached_text + SEPARATOR + prompt."""
     _, tail = open_user_turn(tokenizer, cached_text, system)
-    return tokenizer.encode(SEPARATOR + prompt + tail, allow_special=True)
+    return tokenizer.encode_segments([(SEPARATOR + prompt, False)] + tail)
 
 
 @dataclass
@@ -146,7 +150,7 @@ class PromptCache:
         """Ids that follow the cached ones for `prompt`: raw text, or the rest of the open user
         turn and the assistant header."""
         if self.raw:
-            return tokenizer.encode(prompt)
+            return tokenizer.encode(prompt, allow_special=True)
         return continue_open_turn(tokenizer, self.text, prompt, self.system)
 
     def save(self, path: str | os.PathLike, model) -> None:
@@ -162,8 +166,9 @@ def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None,
 
     if raw and system:
         raise KimiError("--system needs the chat form; drop --raw or --system")
-    ids = tokenizer.encode(text) if raw else tokenizer.encode(open_user_turn(tokenizer, text, system)[0],
-                                                              allow_special=True)
+    # raw: the text as is, control-token text included (the explicit way to send control ids)
+    ids = tokenizer.encode(text, allow_special=True) if raw else tokenizer.encode_segments(
+        open_user_turn(tokenizer, text, system)[0])
     if not ids:
         raise KimiError("the prompt is empty: nothing to cache")
     check_context(model, len(ids), 1, kv_bits)

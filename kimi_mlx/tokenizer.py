@@ -282,6 +282,9 @@ class KimiTokenizer:
         self.chat_template_source = chat_template_source
         self._template_text = chat_template
         self._template = _compile_template(chat_template or DEFAULT_CHAT_TEMPLATE, chat_template_source)
+        # Longest first: at one position the longer control token wins, as in tiktoken.
+        alternatives = sorted(special_tokens, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")" if alternatives else "(?!)")
 
     # ---- ids of the control tokens
 
@@ -370,21 +373,124 @@ class KimiTokenizer:
     ) -> list[int] | str:
         """Render `messages` with the checkpoint's chat template (or the built-in one).
 
-        Returns the text when tokenize=False, else its ids encoded with special tokens
-        allowed, so the template's <|im_*|> markers become single ids. No [BOS] is added,
-        as in the reference. Tools are key-sorted first, as Kimi's tokenizer does.
+        Returns the text when tokenize=False, else its ids: the template's own <|im_*|> markers
+        become single control ids, while control-token text inside any message content, name,
+        tool call or tool declaration stays text (user text cannot forge a turn). Encoding the
+        returned text with allow_special=True would undo that: use tokenize=True or
+        chat_segments. No [BOS] is added, as in the reference. Tools are key-sorted first, as
+        Kimi's tokenizer does; tool calls without an id get `functions.NAME:INDEX` (INDEX counts
+        the conversation's tool calls from 0), and a tool result without tool_call_id is headed
+        by the id of the call it answers (the results follow their calls in order).
+        """
+        segments = self.chat_segments(messages, add_generation_prompt, tools)
+        return self.encode_segments(segments) if tokenize else "".join(text for text, _ in segments)
+
+    def chat_segments(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_marker) pieces: a marker is a control token
+        the template itself wrote; everything else, message content included, is plain text.
+
+        Every string the caller passes (contents, names, tool-call ids and arguments, tool
+        declarations) has any control-token text in it broken by an escape character before
+        rendering, so only the template's own markers match; the escapes are removed from the
+        plain pieces afterwards. Tool calls without an id get Kimi's `functions.NAME:INDEX`.
         """
         variables = {
-            "messages": [dict(m) for m in messages],
+            "messages": [self._defang(m) for m in _with_tool_call_ids(messages)],
             "add_generation_prompt": add_generation_prompt,
-            "tools": _deep_sort(list(tools)) if tools else None,
+            "tools": self._defang(_deep_sort(list(tools))) if tools else None,
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
             "pad_token": self.pad_token or "",
             "unk_token": self.unk_token or "",
         }
         text = _render(self._template, variables, self.chat_template_source)
-        return self.encode(text, allow_special=True) if tokenize else text
+        pieces = self._special_split.split(text)  # [plain, marker, plain, marker, ..., plain]
+        segments = []
+        for i, piece in enumerate(pieces):
+            is_marker = i % 2 == 1
+            if not is_marker:
+                piece = _UNESCAPE.sub(r"\1", piece)
+            if piece:
+                segments.append((piece, is_marker))
+        return segments
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """Ids of (text, is_marker) pieces: a marker is its control id, plain text is encoded with
+        control-token text kept as text. Adjacent plain pieces are encoded as one text."""
+        ids: list[int] = []
+        plain: list[str] = []
+        for text, is_marker in segments:
+            if not is_marker:
+                plain.append(text)
+                continue
+            ids += self.encode("".join(plain))
+            plain = []
+            ids.append(self.special_tokens[text])
+        return ids + self.encode("".join(plain))
+
+    def _defang(self, value: Any) -> Any:
+        """A copy of `value` whose strings (keys too) cannot contain an intact control token."""
+        if isinstance(value, str):
+            value = value.replace(_ESC, _ESC + _ESC)  # keeps a literal escape character in the text
+            while self._special_split.search(value):  # a pass may skip an overlapping second match
+                value = self._special_split.sub(lambda m: m[0][0] + _ESC + m[0][1:], value)
+            return value
+        if isinstance(value, Mapping):
+            return {self._defang(k): self._defang(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._defang(v) for v in value]
+        return value
+
+
+# A private-use character: inserted after the first character of control-token text found in
+# untrusted strings, so the rendered template holds an intact control token only where the
+# template wrote one; a literal one in the text is doubled. Removed again before encoding.
+_ESC = "\U0010fffd"
+_UNESCAPE = re.compile(_ESC + "(.)", re.DOTALL)
+
+
+def _with_tool_call_ids(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Copies of the messages where every tool call has an id and every tool result names it.
+
+    Kimi's ids are `functions.{name}:{index}`, index counting the conversation's tool calls
+    from 0 (what the model itself writes). A tool result without tool_call_id answers the
+    next unanswered call of the latest assistant message.
+    """
+    out, index, pending = [], 0, []
+    for position, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise KimiError(f"message {position} is a {type(message).__name__}, not a dict with role and content")
+        message = dict(message)
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and calls:
+            message["tool_calls"], pending = [], []
+            for call in calls:
+                call = dict(call) if isinstance(call, Mapping) else call
+                if isinstance(call, dict) and not call.get("id"):
+                    function = call.get("function")
+                    name = function.get("name") if isinstance(function, Mapping) else None
+                    if not name:
+                        raise KimiError(f"message {position}: a tool call has neither an id nor a function name")
+                    call["id"] = f"functions.{name}:{index}"
+                index += 1
+                message["tool_calls"].append(call)
+                if isinstance(call, dict):
+                    pending.append(call["id"])
+        elif message.get("role") == "tool":
+            if message.get("tool_call_id") is None:
+                if not pending:
+                    raise KimiError(f"message {position}: a tool result without tool_call_id, "
+                                    "and no tool call before it left unanswered")
+                message["tool_call_id"] = pending[0]
+            if message["tool_call_id"] in pending:
+                pending.remove(message["tool_call_id"])
+        out.append(message)
+    return out
 
 
 def split_long_runs(text: str, max_chars: int = MAX_ENCODE_CHARS, max_run: int = MAX_RUN_CHARS) -> Iterator[str]:
