@@ -121,6 +121,35 @@ def _find_stop(text: str, stop: list[str], start: int) -> int | None:
     return min(hits) if hits else None
 
 
+class ReplyText:
+    """A reply's text as its tokens arrive: streamed detokenization (control tokens are not reply
+    text), end of sequence, max_tokens and stop strings (cut before the stop string; a tail that
+    may still become one is held back). Shared by stream_generate and the server's rows."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop: list[str] | None = None):
+        self.detok = tokenizer.detokenizer(skip_special_tokens=True)
+        self.eos = set(tokenizer.eos_token_ids)
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that may still become a stop string
+        self.max_tokens = max_tokens
+        self.text, self.emitted, self.n = "", 0, 0  # all reply text so far; how much was yielded; tokens
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Take the next token -> (new text, finish reason None | "stop" | "length")."""
+        self.n += 1
+        finish = "stop" if token in self.eos else None
+        if finish is None:
+            self.text += self.detok.add_token(token)
+        if finish is not None or self.n >= self.max_tokens:
+            finish, self.text = finish or "length", self.text + self.detok.finalize()
+        cut = _find_stop(self.text, self.stop, max(0, self.emitted - self.hold))
+        if cut is not None:
+            finish, self.text = "stop", self.text[:cut]
+        end = len(self.text) if finish else max(self.emitted, len(self.text) - self.hold)
+        new_text, self.emitted = self.text[self.emitted:end], end
+        return new_text, finish
+
+
 def _prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
@@ -170,30 +199,17 @@ def stream_generate(
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
-    eos = set(tokenizer.eos_token_ids)
-    stop = [s for s in (stop or []) if s]
-    detok = tokenizer.detokenizer(skip_special_tokens=True)  # control tokens are not reply text
+    reply = ReplyText(tokenizer, max_tokens, stop)
     mx.reset_peak_memory()
 
     t0 = time.perf_counter()
     prompt_tps, t_first, n = 0.0, t0, 0
-    text, emitted = "", 0  # all reply text so far; how much of it was already yielded
-    hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still become a stop string
     tokens = generate_tokens(model, mx.array(ids), cache, max_tokens, sampler, processors, prefill_step)
     for n, (token, logprob) in enumerate(tokens, start=1):
         if n == 1:
             t_first = time.perf_counter()
             prompt_tps = len(ids) / (t_first - t0)
-        finish = "stop" if token in eos else None
-        if finish is None:
-            text += detok.add_token(token)
-        if finish is not None or n == max_tokens:
-            finish, text = finish or "length", text + detok.finalize()
-        cut = _find_stop(text, stop, max(0, emitted - hold))
-        if cut is not None:
-            finish, text = "stop", text[:cut]
-        end = len(text) if finish else max(emitted, len(text) - hold)
-        new_text, emitted = text[emitted:end], end
+        new_text, finish = reply.add(token)
         elapsed = max(time.perf_counter() - t_first, 1e-9)
         yield GenerationResponse(
             text=new_text, token=token, logprob=logprob, finish_reason=finish,
