@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .cache import KDACache
 from .errors import KimiError
 
 PROMPT_CACHE_FORMAT = "kimi-mlx-prompt-cache"
@@ -42,10 +43,24 @@ def model_fingerprint(model) -> str:
 # ---------------------------------------------------------------- state files
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path if a file can be written there, else a KimiError naming it: a folder (".",
+    "/"), a missing folder, or one we may not write in. Call it before long work (a prefill)."""
+    path = Path(path).expanduser()
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise KimiError(f"{path}: is a folder; give a file name, e.g. {path / 'chat.safetensors'}")
+    if not path.parent.is_dir():
+        raise KimiError(f"{path}: the folder {path.parent} does not exist; create it or choose another")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise KimiError(f"{path}: cannot write in {path.parent} (permission denied); choose another folder")
+    return path
+
+
 def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: list, file_format: str,
                     model_name: str, extra: dict[str, str] | None = None) -> None:
-    """Write tokens + cache states + metadata atomically (see the module docstring)."""
-    path = Path(path)
+    """Write tokens + cache states + metadata atomically (see the module docstring). Any failure
+    (a folder given, no permission, disk full) is one KimiError line and leaves no file behind."""
+    path = check_output_file(path)
     arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
     for i, c in enumerate(cache):
         arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(c.state)})
@@ -60,6 +75,8 @@ def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: li
     }
     tmp = path.with_name(path.name + ".tmp.safetensors")  # MLX appends .safetensors otherwise
     try:
+        with open(tmp, "wb"):  # an OSError here names the reason (read-only file system, ...)
+            pass
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as e:
@@ -93,12 +110,62 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
         for i, c in enumerate(cache):
             c.state = [arrays[f"cache.{i}.{j}"] for j in range(counts[i])]
             c.meta_state = metas[i]
-        tokens = arrays["tokens"].tolist()
+            _check_layer_state(model.args, i, c)
+        tokens = _checked_tokens(arrays["tokens"], model.args.vocab_size)
         if len({c.offset for c in cache}) != 1 or cache[0].offset > len(tokens):
             raise ValueError("cache offsets do not match its token ids")
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
         raise KimiError(f"{path}: corrupt file ({type(e).__name__}: {e})") from None
     return tokens, cache, meta
+
+
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _checked_tokens(tokens: mx.array, vocab_size: int) -> list[int]:
+    """The file's token ids: a 1-D integer array of ids in [0, vocab_size)."""
+    if tokens.ndim != 1 or tokens.dtype not in (mx.int32, mx.int64, mx.uint32):
+        raise ValueError(f"tokens is {tokens.dtype} {tuple(tokens.shape)}, expected 1-D int32")
+    ids = tokens.tolist()
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        raise ValueError(f"token ids outside 0..{vocab_size - 1}")
+    return ids
+
+
+def _check_layer_state(args, i: int, c) -> None:
+    """Shapes and dtypes of one layer's restored cache arrays, from the model's config (see
+    cache.py's layouts), so a damaged file is refused here and not deep inside a prefill."""
+
+    def expect(a, shape, dtypes, what):
+        if tuple(a.shape) != tuple(shape) or a.dtype not in dtypes:
+            raise ValueError(f"layer {i} {what} is {a.dtype} {tuple(a.shape)}, expected {tuple(shape)}")
+
+    if isinstance(c, KDACache):
+        if c.conv is None:
+            return
+        H, D, K = args.kda_heads, args.kda_head_dim, args.conv_kernel
+        if len(c.conv) != 3:
+            raise ValueError(f"layer {i} holds {len(c.conv) + 1} KDA arrays, expected 4")
+        for a in c.conv:
+            expect(a, (1, K - 1, H * D), _FLOATS, "conv window")
+        expect(c.recurrent, (1, H, D, D), (mx.float32,), "recurrent state")
+        return
+    width = args.kv_lora_rank + args.qk_rope_head_dim
+    padded = -(-width // c.group_size) * c.group_size
+    for page in c.pages + ([c.tail] if c.tail is not None else []):
+        n = page[0].shape[1] if page[0].ndim == 3 else -1
+        if c.kv_bits is None and len(page) == 1:
+            expect(page[0], (1, n, width), _FLOATS, "latent page")
+        elif c.kv_bits in (8, 4) and len(page) == 3:
+            expect(page[0], (1, n, padded * c.kv_bits // 32), (mx.uint32,), "packed latent page")
+            for a in page[1:]:
+                expect(a, (1, n, padded // c.group_size), _FLOATS, "latent scales")
+        else:
+            raise ValueError(f"layer {i} latent pages do not match kv_bits {c.kv_bits or 16}")
+        if n < 1:
+            raise ValueError(f"layer {i} has an empty latent page")
+    if c.key_mask is not None:
+        expect(c.key_mask, (1, c.offset), (mx.bool_,), "key mask")
 
 
 # ---------------------------------------------------------------- prompt caches
