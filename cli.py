@@ -127,7 +127,7 @@ def convert(
     report: bool = typer.Option(False, "--report", help="Then compare with the source: top-1 agreement and KL"),
 ):
     """Convert a Kimi-Linear checkpoint to MLX: quantized, sharded; resumes an interrupted run."""
-    from convert import ConvertOptions, run_convert
+    from kimi_mlx.convert import ConvertOptions, run_convert
 
     options = ConvertOptions(quantize=quantize, bits=bits, group_size=group_size, mode=q_mode, recipe=recipe,
                              dtype=dtype, max_shard_gb=max_shard_gb)

@@ -1,6 +1,6 @@
 """Hugging Face Kimi-Linear checkpoint -> MLX model folder (quantized, sharded, streamed, resumable).
 
-    from convert import ConvertOptions, convert_checkpoint, compare_models
+    from kimi_mlx.convert import ConvertOptions, convert_checkpoint, compare_models
     summary = convert_checkpoint("moonshotai/Kimi-Linear-48B-A3B-Instruct", "kimi-4bit",
                                  ConvertOptions(bits=4, recipe="mixed"))
     rows = compare_models("path/to/bf16", ["kimi-4bit"])   # top-1 agreement and KL per recipe
@@ -16,7 +16,7 @@ from .recipe import ConvertOptions
 
 
 def __getattr__(name: str):
-    # The report is imported on first use, so `python -m convert.report` runs it as a fresh module.
+    # The report is imported on first use, so `python -m kimi_mlx.convert.report` runs it as a fresh module.
     if name in ("ReportRow", "compare_models"):
         from . import report
 

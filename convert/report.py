@@ -7,7 +7,7 @@ Models are loaded one at a time (only the source's log-probabilities, N x vocab 
 kept), so peak memory is that of the larger model, not of both. Tokens come from the source's
 tokenizer on a fixed text when it has one, else fixed random ids (the tiny test checkpoints).
 
-    python -m convert.report SRC DST [DST ...]     # one line per converted folder (recipe)
+    python -m kimi_mlx.convert.report SRC DST [DST ...]     # one line per converted folder (recipe)
 """
 
 from __future__ import annotations
@@ -99,6 +99,6 @@ def describe_quantization(config_path: Path) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
-        sys.exit("usage: python -m convert.report SRC DST [DST ...]")
+        sys.exit("usage: python -m kimi_mlx.convert.report SRC DST [DST ...]")
     for row in compare_models(sys.argv[1], sys.argv[2:]):
         print(row)

@@ -299,7 +299,7 @@ def test_cli_chat_from_a_pipe(loaded, folder):
 
 
 def test_cli_runner_chat_ends_at_eof(loaded, folder):
-    from cli import app
+    from kimi_mlx.cli import app
 
     model, tok = loaded
     expected = ChatSession(model, tok, system="sys", max_tokens=3).chat("hello")

@@ -23,7 +23,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from convert import ConvertOptions, compare_models, convert_checkpoint, pipeline, plan, writer  # noqa: E402
+from kimi_mlx.convert import ConvertOptions, compare_models, convert_checkpoint, pipeline, plan, writer  # noqa: E402
 from kimi_mlx import KimiError, load_model  # noqa: E402
 
 Q4 = ConvertOptions(bits=4, group_size=32)  # the tiny dims (64, 96, 32) divide 32, not all 64
@@ -353,7 +353,7 @@ def test_bad_options(ref32, tmp_path, options, message):
 def test_cli_convert_report_and_error(ref32, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from kimi_mlx.cli import app
 
     runner = CliRunner()
     ok = runner.invoke(app, ["convert", str(ref32.folder), str(tmp_path / "dst"), "--no-quantize",

@@ -141,7 +141,7 @@ def test_8bit_latent_cache_keeps_recall(model, tokenizer):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The shipped checkpoint through the converter, as a user runs it: 4-bit uniform and mixed."""
-    from convert import ConvertOptions, convert_checkpoint
+    from kimi_mlx.convert import ConvertOptions, convert_checkpoint
 
     out = tmp_path_factory.mktemp("converted")
     folders = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 from typer.testing import CliRunner
 
-from cli import app
+from kimi_mlx.cli import app
 from kimi_mlx import doctor
 from kimi_mlx.kda import metal
 

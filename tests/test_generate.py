@@ -118,7 +118,7 @@ def test_prompt_longer_than_context_is_refused(loaded):
 
 
 def test_cli_generate_streams_text(folder, loaded):
-    from cli import app
+    from kimi_mlx.cli import app
 
     model, tok = loaded
     expected = generate(model, tok, [{"role": "user", "content": "hi"}], max_tokens=5)
@@ -129,7 +129,7 @@ def test_cli_generate_streams_text(folder, loaded):
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
-    from cli import app
+    from kimi_mlx.cli import app
 
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"])
     assert result.exit_code == 2

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from tiny import TINY_CONFIG, write_checkpoint
 from typer.testing import CliRunner
 
-from cli import app
+from kimi_mlx.cli import app
 from kimi_mlx import Model, ModelArgs
 from kimi_mlx.cache import LatentCache
 from kimi_mlx.errors import KimiError

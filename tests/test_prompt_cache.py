@@ -84,7 +84,7 @@ def test_chat_from_a_prompt_cache(loaded):
 
 
 def test_cli_cache_prompt_then_generate(folder, tmp_path):
-    from cli import app
+    from kimi_mlx.cli import app
 
     runner = CliRunner()
     (tmp_path / "doc.txt").write_text(DOC)
