@@ -24,7 +24,7 @@ from typing import Iterator, TextIO
 import mlx.core as mx
 
 from .errors import KimiError
-from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, stream_generate
+from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, check_sampling, stream_generate
 from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
                            save_state_file)
 
@@ -32,6 +32,7 @@ FILE_FORMAT = "kimi-mlx-chat"
 FILE_VERSION = "1"
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_UNDO_MEMORY = 4 * 2**30  # older snapshots are dropped past this; the last one is always kept
+PROGRESS_MIN_TOKENS = 4 * DEFAULT_PREFILL_STEP  # a message this long shows a prefill bar on stderr
 
 HELP = "commands: /undo /retry /reset /system TEXT /save FILE /load FILE /quit (// starts a message with /)"
 
@@ -50,6 +51,12 @@ class _State:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for c in self.cache for a in c.state)
+
+
+def _clean_text(text: str) -> str:
+    """Lone surrogates (undecodable bytes kept by surrogateescape, a broken UTF-16 pair) become
+    U+FFFD: the tokenizer would replace them anyway, and they cannot be saved as UTF-8."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if not text.isascii() else text
 
 
 def _check_template_renders_turns_alone(tokenizer) -> None:
@@ -83,8 +90,7 @@ class ChatSession:
                  seed: int | None = None, model_name: str | None = None, prefill_step: int = DEFAULT_PREFILL_STEP,
                  undo_memory: int = DEFAULT_UNDO_MEMORY, kv_bits: int | None = None, **sampling):
         self.model, self.tokenizer = model, tokenizer
-        if max_tokens < 1:
-            raise KimiError(f"max_tokens is {max_tokens}; a reply needs at least 1 token")
+        check_sampling(max_tokens, seed=seed, prefill_step=prefill_step, **sampling)
         self.max_tokens, self.prefill_step, self.undo_memory = max_tokens, prefill_step, undo_memory
         self.sampling, self.kv_bits = sampling, kv_bits
         self.model_name = model_name or "this model"
@@ -136,7 +142,7 @@ class ChatSession:
 
     def reset(self, system: str | None = None) -> None:
         """Start over, with `system` as the system message (None: none)."""
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [{"role": "system", "content": _clean_text(system)}] if system else []
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False) if messages else []
         self._state = _State(messages, list(ids), self.model.make_cache(self.kv_bits))
         self._opening: PromptCache | None = None
@@ -145,7 +151,7 @@ class ChatSession:
     def send(self, text: str) -> Iterator[GenerationResponse]:
         """Stream the reply to a user message; the turn is committed when the last response is
         yielded. Raises KimiError at once if the message does not fit the context."""
-        base = self._state
+        base, text = self._state, _clean_text(text)
         plan = self._plan(base, text)
 
         def commit(new: _State) -> None:
@@ -200,7 +206,8 @@ class ChatSession:
         cache = [c.copy() for c in base.cache]
         reply_ids, reply_text = [], ""
         stream = stream_generate(self.model, self.tokenizer, feed, max_tokens, cache=cache,
-                                 prefill_step=self.prefill_step, **self.sampling)
+                                 prefill_step=self.prefill_step, progress=len(feed) >= PROGRESS_MIN_TOKENS,
+                                 **self.sampling)
         for r in stream:
             reply_ids.append(r.token)
             reply_text += r.text
@@ -248,7 +255,13 @@ class ChatSession:
                                               "kimi-mlx chat file", "save one with /save")
         try:
             messages, open_turn = json.loads(meta["messages"]), json.loads(meta.get("open_turn", "null"))
-        except (KeyError, json.JSONDecodeError) as e:
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise ValueError("messages are not a list of {role, content} texts")
+            if open_turn is not None and not isinstance(open_turn, str):
+                raise ValueError("open_turn is not a text")
+        except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise KimiError(f"{path}: corrupt chat file ({type(e).__name__}: {e})") from None
         self._state, self._undo = _State(messages, tokens, cache, open_turn), []
 
@@ -350,6 +363,11 @@ def _command(session: ChatSession, term: _Terminal, line: str) -> bool:
 
 def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Read messages and commands until /quit, EOF or Ctrl-C at the prompt; return the exit code."""
+    for stream, errors in ((stdin, "replace"), (stdout, "replace"), (stderr, "replace")):
+        # Bytes that are not UTF-8 (a paste from a latin-1 file) or a terminal that cannot show a
+        # character: U+FFFD / '?' instead of ending the session. The user cannot fix the bytes.
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors=errors)
     term = _Terminal(stdin, stdout, stderr)
     while True:
         try:
@@ -362,6 +380,8 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
             return 0
         if not line.strip():
             continue
+        # Nothing a command or a message raises ends the session: a turn replaces the state only
+        # when complete, and /load only once the file is read, so the conversation is intact.
         try:
             if line.startswith("/") and not line.startswith("//"):
                 if not _command(session, term, line.strip()):
@@ -370,8 +390,14 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
                 _stream_reply(session, term, session.send(line[1:] if line.startswith("//") else line))
         except KimiError as e:
             term.note(f"error: {e}")
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            term.note(f"error: {where}{e.strerror or e}")
         except KeyboardInterrupt:  # Ctrl-C during a command (e.g. /save): the session is unchanged
             term.note("[interrupted]")
+        except Exception as e:  # a bug, not a user error: say so in one line, keep the conversation
+            term.note(f"error: {line.split()[0] if line.startswith('/') else 'the message'} failed "
+                      f"({type(e).__name__}: {e}); the conversation is kept, /save it and report this")
 
 
 def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -383,6 +409,7 @@ def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAU
     from .loading import resolve_model_path
     from .prompt_cache import load_prompt_cache
 
+    check_sampling(max_tokens, **(sampling or {}))  # before the model is loaded
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
     session = ChatSession(model, tokenizer, system=system, max_tokens=max_tokens, model_name=str(folder),

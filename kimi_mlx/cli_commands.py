@@ -24,7 +24,10 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
     from . import load, stream_generate
     from .loading import resolve_model_path
 
+    from .generate import check_sampling
+
     out = out or sys.stdout
+    check_sampling(max_tokens, **sampling)  # before the model is loaded
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
@@ -65,17 +68,20 @@ def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, 
     import mlx.core as mx
 
     from . import load
-    from .generate import DEFAULT_PREFILL_STEP
+    from .generate import DEFAULT_PREFILL_STEP, check_sampling
     from .loading import resolve_model_path
-    from .prompt_cache import make_prompt_cache
+    from .prompt_cache import check_output_file, make_prompt_cache
 
     err = err or sys.stderr
+    step = DEFAULT_PREFILL_STEP if prefill_step is None else prefill_step
+    check_sampling(prefill_step=step)  # before the model is loaded
+    check_output_file(out_path)  # a folder or an unwritable place is refused before the prefill
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
     t0 = time.perf_counter()
     cache = make_prompt_cache(model, tokenizer, text, system=system, raw=raw, kv_bits=kv_bits,
-                              prefill_step=prefill_step or DEFAULT_PREFILL_STEP, model_name=str(folder),
+                              prefill_step=step, model_name=str(folder),
                               progress=progress)
     seconds = time.perf_counter() - t0
     cache.save(out_path, model)

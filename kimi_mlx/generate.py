@@ -6,6 +6,7 @@ semantics as the tool our users compare us with, no second implementation to kee
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ class GenerationResponse:
     peak_memory_gb: float
 
 
-def prefill(model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP) -> mx.array:
-    """Feed tokens [T] in steps of `step`; return logits [vocab] of the last position only."""
+def prefill(model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP, progress: bool = False) -> mx.array:
+    """Feed tokens [T] in steps of `step`; return logits [vocab] of the last position only.
+    progress: a bar on stderr (for long prompts)."""
     T = tokens.shape[0]
     if T == 0:
         raise KimiError("empty prompt: give at least one token")
-    prefill_all(model, tokens[:-1], cache, step)
+    prefill_all(model, tokens[:-1], cache, step, progress=progress)
     return model(tokens[None, T - 1 :], cache=cache, last_only=True)[0, -1]
 
 
@@ -59,6 +61,48 @@ def prefill_all(model, tokens, cache, step: int = DEFAULT_PREFILL_STEP, progress
             bar.update(end - start)
     if bar is not None:
         bar.close()
+
+
+def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                   min_p: float = 0.0, repetition_penalty: float | None = None, seed: int | None = None,
+                   prefill_step: int = DEFAULT_PREFILL_STEP) -> None:
+    """Refuse generation options outside their ranges: a KimiError naming the first bad one.
+
+    The conventions are mlx-lm's make_sampler's, kept: temperature 0 = greedy, top_p 0 = off
+    (else in (0, 1]; 1 keeps every token), top_k 0 = off, min_p 0 = off (else up to 1),
+    repetition_penalty None = off (else > 0; 1 changes nothing). NaN and inf are refused.
+    """
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    rules = [
+        ("max_tokens (--max-tokens)", max_tokens, whole(max_tokens) and max_tokens >= 1, "a whole number >= 1"),
+        ("temperature (--temp)", temperature, number(temperature) and temperature >= 0, "a number >= 0 (0 = greedy)"),
+        ("top_p (--top-p)", top_p, number(top_p) and 0 <= top_p <= 1, "in (0, 1], or 0 = off"),
+        ("top_k (--top-k)", top_k, whole(top_k) and top_k >= 0, "a whole number >= 0 (0 = off)"),
+        ("min_p (--min-p)", min_p, number(min_p) and 0 <= min_p <= 1, "in [0, 1] (0 = off)"),
+        ("repetition_penalty (--repetition-penalty)", repetition_penalty,
+         repetition_penalty is None or (number(repetition_penalty) and repetition_penalty > 0),
+         "a number > 0 (1 = no penalty)"),
+        ("seed (--seed)", seed, seed is None or (whole(seed) and 0 <= seed < 2**64), "a whole number >= 0"),
+        ("prefill_step (--prefill-step)", prefill_step, whole(prefill_step) and prefill_step >= 1,
+         "a whole number >= 1"),
+    ]
+    for name, value, ok, rule in rules:
+        if not ok:
+            raise KimiError(f"{name} is {value!r}; it must be {rule}")
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Refuse token ids outside [0, vocab_size) before they reach the embedding (an id past the
+    table reads outside it: a crash or garbage, never an error)."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise KimiError(f"token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}"
+                        + (f" ({len(bad)} such ids)" if len(bad) > 1 else ""))
 
 
 def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0) -> None:
@@ -85,9 +129,12 @@ def generate_tokens(
     sampler: Callable | None = None,
     logits_processors: list | None = None,
     prefill_step: int = DEFAULT_PREFILL_STEP,
+    progress: bool = False,
 ) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) pairs. The next step is queued (async_eval) before the current token
-    is read, so the host sync per step is just reading one token."""
+    is read, so the host sync per step is just reading one token. Logits that turned NaN (or
+    inf) give a NaN logprob, read with the token: a KimiError instead of a token sampled from
+    garbage (argmax of NaN is id 0). progress: a prefill bar on stderr."""
     sampler = sampler or make_sampler(0.0)
     processors = logits_processors or []
     cache = cache if cache is not None else model.make_cache()
@@ -104,13 +151,17 @@ def generate_tokens(
             history = mx.concatenate([history, token])
         return token, logprobs[0, token[0]]
 
-    token, logprob = sample(prefill(model, prompt, cache, prefill_step))
+    token, logprob = sample(prefill(model, prompt, cache, prefill_step, progress))
     mx.async_eval(token, logprob)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
             next_token, next_logprob = sample(model(token[None], cache=cache)[0, -1])
             mx.async_eval(next_token, next_logprob)
-        yield token.item(), logprob.item()
+        value = logprob.item()
+        if math.isnan(value):
+            raise KimiError(f"the model's logits became NaN at generated token {n + 1}; the weights or a "
+                            "kernel are broken here (kimi-mlx doctor checks the kernels; try KIMI_MLX_KDA_PATH=naive)")
+        yield token.item(), value
         if n + 1 < max_tokens:
             token, logprob = next_token, next_logprob
 
@@ -156,7 +207,10 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
-        return [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        values = prompt.tolist() if hasattr(prompt, "tolist") else prompt
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+            raise KimiError("token ids must be whole numbers (a flat list of ints)")
+        return list(values)
     raise KimiError(f"prompt must be text, token ids or a list of chat messages, not {type(prompt).__name__}")
 
 
@@ -177,13 +231,19 @@ def stream_generate(
     prefill_step: int = DEFAULT_PREFILL_STEP,
     prompt_cache=None,
     kv_bits: int | None = None,
+    progress: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages; yield a response per token.
 
     cache: layer caches to continue (they are advanced in place). prompt_cache: a PromptCache
     (kimi_mlx.prompt_cache) to continue from a copy of; a text prompt then continues its open
-    user turn. kv_bits: latent cache precision of a fresh cache (16, 8 or 4).
+    user turn. kv_bits: latent cache precision of a fresh cache (16, 8 or 4). progress: a
+    prefill bar on stderr. Raises KimiError (at the first next()) for options outside their
+    ranges (check_sampling), token ids outside the vocabulary, a prompt past the context, and
+    logits that turn NaN. Text is encoded as text (control-token text stays text); pass ids
+    from tokenizer.encode(text, allow_special=True) to send control tokens.
     """
+    check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, prefill_step)
     if prompt_cache is not None:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             raise KimiError("a prompt cache continues with text or token ids, not chat messages")
@@ -192,6 +252,7 @@ def stream_generate(
     else:
         ids = _prompt_ids(tokenizer, prompt)
         cache = cache if cache is not None else model.make_cache(kv_bits)
+    check_token_ids(ids, model.args.vocab_size)
     used = cache[0].offset if cache else 0
     bits = next((c.kv_bits for c in cache if hasattr(c, "kv_bits")), kv_bits)
     check_context(model, len(ids), max_tokens, bits, used=used)
@@ -204,7 +265,7 @@ def stream_generate(
 
     t0 = time.perf_counter()
     prompt_tps, t_first, n = 0.0, t0, 0
-    tokens = generate_tokens(model, mx.array(ids), cache, max_tokens, sampler, processors, prefill_step)
+    tokens = generate_tokens(model, mx.array(ids), cache, max_tokens, sampler, processors, prefill_step, progress)
     for n, (token, logprob) in enumerate(tokens, start=1):
         if n == 1:
             t_first = time.perf_counter()

@@ -229,8 +229,9 @@ def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None,
                       kv_bits: int | None = None, prefill_step: int = 512, model_name: str = "this model",
                       progress: bool = False) -> PromptCache:
     """Prefill `text` once (chat form unless raw) into a fresh cache, in steps of prefill_step."""
-    from .generate import check_context, prefill_all
+    from .generate import check_context, check_sampling, prefill_all
 
+    check_sampling(prefill_step=prefill_step)
     if raw and system:
         raise KimiError("--system needs the chat form; drop --raw or --system")
     # raw: the text as is, control-token text included (the explicit way to send control ids)

@@ -105,6 +105,10 @@ DEFAULT_CHAT_TEMPLATE = """\
 """
 
 
+class TokenIdError(KimiError, ValueError):
+    """A token id the tokenizer does not have."""
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -345,11 +349,14 @@ class KimiTokenizer:
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token (a special token's bytes are its string)."""
+        """The raw bytes of one token (a special token's bytes are its string). An id outside
+        0..vocab_size-1 is a TokenIdError (a KimiError and a ValueError), never empty text."""
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenIdError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         try:
             return self._enc.decode_single_token_bytes(token_id)
         except KeyError:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})") from None
+            raise TokenIdError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 (a sequence cut mid-character) becomes U+FFFD."""
