@@ -7,6 +7,7 @@ semantics as the tool our users compare us with, no second implementation to kee
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -208,9 +209,9 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
         values = prompt.tolist() if hasattr(prompt, "tolist") else prompt
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in values):
             raise KimiError("token ids must be whole numbers (a flat list of ints)")
-        return list(values)
+        return [int(t) for t in values]
     raise KimiError(f"prompt must be text, token ids or a list of chat messages, not {type(prompt).__name__}")
 
 
