@@ -162,6 +162,27 @@ def plan(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option("demo", "--model", "-m", help="Model folder, hub repo id, or 'demo'"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'"),
+    max_batch: int = typer.Option(16, "--max-batch", help="Requests decoding (or prefilling) at once"),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond the batch; more get HTTP 429"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Default max_tokens of a request"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    state_cache_mb: int = typer.Option(2048, "--state-cache-mb", help="Memory for multi-turn state snapshots (0: off)"),
+    spill_dir: Optional[str] = typer.Option(None, "--spill-dir", help="Write evicted snapshots here (prompt-cache files)"),
+    spill_mb: int = typer.Option(8192, "--spill-mb", help="Disk budget of --spill-dir"),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health, metrics)."""
+    from kimi_mlx.server.serve import serve as run_server
+
+    _run(run_server, model, host, port, api_key, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
+         kv_bits=kv_bits, state_cache_mb=state_cache_mb, spill_dir=spill_dir, spill_mb=spill_mb)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv)
 

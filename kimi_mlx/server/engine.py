@@ -1,0 +1,312 @@
+"""The model thread: continuous batching of generation requests.
+
+One thread owns the model. Each turn of its loop it
+  1. drops cancelled requests (a client that went away frees its row at once),
+  2. admits waiting requests while the batch has room (`max_batch` rows prefilling or decoding;
+     beyond that `max_queue` requests wait, and more are refused with QueueFull -> HTTP 429),
+  3. runs one prefill step (at most `prefill_step` tokens) of the oldest admitted request, alone
+     (B = 1, no padding: its logits are a single request's), from the longest state-cache
+     snapshot that prefixes its prompt, snapshotting at the message boundaries it was given,
+  4. runs one decode step for every decoding row at once: the rows' caches are merged into one
+     batched cache (kimi_mlx/server/batch_cache.py: KDA states concatenated, MLA latents
+     left-padded with a key mask), a row joins after its prefill and leaves when it finishes.
+So a long prompt never stalls the decoding rows for more than one prefill step, and rows of
+different lengths decode together. Each request's tokens, text (kimi_mlx.generate.ReplyText:
+detokenizer, eos, max_tokens, stop strings) and logprobs go to its `deliver` callback as
+Events. One request's failure is delivered to it (or to the rows of a failed decode step) and
+the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from ..errors import KimiError
+from ..generate import DEFAULT_PREFILL_STEP, ReplyText
+from .batch_cache import extract_row, merge_caches, select_rows
+from .sampling import RowSampler, SamplingParams
+from .state_cache import StateCache
+
+log = logging.getLogger("kimi_mlx.server")
+
+
+class QueueFull(KimiError):
+    """Every batch row is busy and the wait queue is full (HTTP 429)."""
+
+
+class ShuttingDown(KimiError):
+    """The server is draining and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """One step of a request's output. text: new reply text (may be empty while a possible stop
+    string is held back); finish_reason set on the last event; error set instead on failure."""
+
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    ids: list[int]  # prompt token ids
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's; n: and the n most likely
+    snapshot_at: list[int] = field(default_factory=list)  # prompt prefix lengths to snapshot at
+    snapshot_reply: bool = True  # snapshot what the request consumed when it ends
+    ignore_eos: bool = False  # for benchmarks: run to max_tokens
+    deliver: Callable[[Event], None] = lambda ev: None
+
+    # engine-side state
+    cancelled: bool = False
+    cache: list | None = None
+    pos: int = 0  # prompt tokens consumed by cache
+    cached_tokens: int = 0  # of them, restored from the state cache
+    pending: int | None = None  # sampled, not yet fed to the model
+    generated: list[int] = field(default_factory=list)
+    reply: ReplyText | None = None
+    sampler: RowSampler | None = None
+    t_submit: float = 0.0
+    t_first: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+                 prefill_step: int = DEFAULT_PREFILL_STEP, kv_bits: int | None = None,
+                 state_cache: StateCache | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_step, self.kv_bits = max_batch, max_queue, prefill_step, kv_bits
+        self.state_cache = state_cache
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()
+        self.rows: list[Request] = []  # decode batch, in cache row order
+        self.batch_cache: list | None = None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        # counters for /metrics
+        self.stats = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
+                          generated_tokens=0, decode_steps=0, prefill_steps=0)
+
+    # ---- called from other threads
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="kimi-mlx-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; QueueFull when all rows are busy and the queue is full."""
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            busy = len(self.rows) + len(self.prefilling)
+            if busy + len(self.waiting) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"server busy: {busy} requests running and {len(self.waiting)} waiting "
+                                f"(limits {self.max_batch} and {self.max_queue}); retry later")
+            req.t_submit = time.perf_counter()
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+            self.cond.notify()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; finish the running ones (drain) or cancel them; join the thread."""
+        with self.cond:
+            self.stopping = True
+            if not drain:
+                for r in [*self.waiting, *self.prefilling, *self.rows]:
+                    r.cancel()
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def load(self) -> dict:
+        return dict(waiting=len(self.waiting), prefilling=len(self.prefilling), decoding=len(self.rows))
+
+    # ---- the model thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.waiting or self.prefilling or self.rows or self.stopping):
+                    self.cond.wait()
+                if self.stopping and not (self.waiting or self.prefilling or self.rows):
+                    return
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._prefill_step()
+                self._decode_step()
+            except Exception:  # noqa: BLE001 - the loop must survive anything one step does
+                log.error("engine step failed:\n%s", traceback.format_exc())
+
+    def _finish(self, req: Request, ev: Event, cache: list | None) -> None:
+        if cache is not None and req.snapshot_reply and self.state_cache is not None:
+            consumed = req.ids + req.generated[:-1]  # the last sampled token was never fed
+            self.state_cache.insert(consumed, cache)
+        self.stats["finished"] += 1
+        req.cache = None
+        req.deliver(ev)
+
+    def _fail(self, req: Request, message: str) -> None:
+        self.stats["failed"] += 1
+        req.cache = None
+        req.deliver(Event(finish_reason="error", error=message))
+
+    def _drop_cancelled(self) -> None:
+        with self.cond:
+            for q in (self.waiting, self.prefilling):
+                gone = [r for r in q if r.cancelled]
+                for r in gone:
+                    q.remove(r)
+                    r.cache = None
+                    self.stats["cancelled"] += 1
+        keep = [i for i, r in enumerate(self.rows) if not r.cancelled]
+        if len(keep) < len(self.rows):
+            self.stats["cancelled"] += len(self.rows) - len(keep)
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.batch_cache = [], None
+            return
+        if len(keep) < len(self.rows):
+            self.batch_cache = select_rows(self.batch_cache, keep)
+            self.rows = [self.rows[i] for i in keep]
+
+    def _admit(self) -> None:
+        with self.cond:
+            while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch:
+                self.prefilling.append(self.waiting.popleft())
+
+    def _prefill_step(self) -> None:
+        if not self.prefilling:
+            return
+        req = self.prefilling[0]
+        try:
+            if req.cache is None:
+                n, cache = (0, None) if self.state_cache is None else self.state_cache.lookup(req.ids)
+                req.cache = cache if cache is not None else self.model.make_cache(self.kv_bits)
+                req.pos = req.cached_tokens = n
+                self.stats["prompt_tokens"] += len(req.ids)
+                self.stats["cached_tokens"] += n
+            end = min(req.pos + self.prefill_step, len(req.ids))
+            later = [b for b in req.snapshot_at if req.pos < b < end]
+            end = later[0] if later else end  # stop at a boundary to snapshot there
+            logits = self.model(mx.array(req.ids[req.pos:end])[None], cache=req.cache, last_only=True)
+            mx.eval(logits, [c.state for c in req.cache])
+            req.pos = end
+            self.stats["prefill_steps"] += 1
+            if self.state_cache is not None and end in req.snapshot_at:
+                self.state_cache.insert(req.ids[:end], req.cache)
+            if end < len(req.ids):
+                return
+            self.prefilling.popleft()
+            req.reply = ReplyText(self.tokenizer, req.max_tokens, req.stop)
+            if req.ignore_eos:
+                req.reply.eos = set()
+            req.sampler = RowSampler(req.sampling)
+            tokens, logprobs = self._sample([req], logits[:, -1])
+            if not self._emit(req, tokens[0], logprobs[0], req.cache):
+                cache = req.cache
+                self.batch_cache = cache if self.batch_cache is None else merge_caches([self.batch_cache, cache])
+                self.rows.append(req)
+                req.cache = None
+        except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+            if self.prefilling and self.prefilling[0] is req:
+                self.prefilling.popleft()
+            log.error("prefill failed:\n%s", traceback.format_exc())
+            self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+
+    def _decode_step(self) -> None:
+        if not self.rows:
+            return
+        try:
+            inputs = mx.array([[r.pending] for r in self.rows], dtype=mx.int32)  # [B, 1]
+            logits = self.model(inputs, cache=self.batch_cache)[:, -1]  # [B, V]
+            tokens, logprobs = self._sample(self.rows, logits)
+            self.stats["decode_steps"] += 1
+        except Exception as e:  # noqa: BLE001 - these rows fail, the server goes on
+            log.error("decode step failed:\n%s", traceback.format_exc())
+            for r in self.rows:
+                self._fail(r, f"decode failed: {type(e).__name__}: {e}")
+            self.rows, self.batch_cache = [], None
+            return
+        keep = []
+        for i, r in enumerate(self.rows):
+            try:
+                done = self._emit(r, tokens[i], logprobs[i], None, row=i)
+            except Exception as e:  # noqa: BLE001
+                log.error("emit failed:\n%s", traceback.format_exc())
+                self._fail(r, f"{type(e).__name__}: {e}")
+                done = True
+            if not done:
+                keep.append(i)
+        self._keep_rows(keep)
+
+    def _sample(self, reqs: list[Request], logits: mx.array):
+        """logits [B, V] -> per row (token, (logprob, top [(id, logprob)] | None))."""
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [B, V]
+        greedy = mx.argmax(logprobs, axis=-1)  # [B]: one op for every greedy row
+        toks = [greedy[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1]) for i, r in enumerate(reqs)]
+        tokens = mx.concatenate(toks).astype(mx.int32)  # [B]
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+        k = max((r.top_logprobs or 0) for r in reqs)
+        top = None
+        if k > 0:
+            top_ids = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]  # [B, k]
+            top = (top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1))
+        mx.eval(tokens, chosen, *(top or ()))
+        tokens_l, chosen_l = tokens.tolist(), chosen.tolist()
+        out = []
+        for i, r in enumerate(reqs):
+            top_i = None
+            if r.top_logprobs:
+                pairs = sorted(zip(top[0][i].tolist(), top[1][i].tolist()), key=lambda p: -p[1])
+                top_i = pairs[: r.top_logprobs]
+            out.append((chosen_l[i], top_i))
+        return tokens_l, out
+
+    def _emit(self, req: Request, token: int, lp, cache: list | None, row: int | None = None) -> bool:
+        """Deliver one sampled token; True when the request is finished (and delivered its end)."""
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        req.generated.append(token)
+        self.stats["generated_tokens"] += 1
+        text, finish = req.reply.add(token)
+        logprob, top = lp
+        ev = Event(text=text, token=token, logprob=logprob if req.top_logprobs is not None else None,
+                   top_logprobs=top, finish_reason=finish)
+        if finish is None:
+            req.pending = token
+            req.deliver(ev)
+            return False
+        ev.usage = dict(prompt_tokens=len(req.ids), completion_tokens=len(req.generated),
+                        cached_tokens=req.cached_tokens)
+        if cache is None and self.state_cache is not None and req.snapshot_reply and len(req.generated) > 1:
+            cache = extract_row(self.batch_cache, row)
+        self._finish(req, ev, cache)
+        return True

@@ -1,0 +1,73 @@
+"""serve(): load a model, start the engine thread, run uvicorn until SIGINT / SIGTERM.
+
+On SIGTERM uvicorn stops accepting connections and waits for the open ones (streams in flight
+finish), then the app's shutdown drains the engine and stops its thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from ..errors import KimiError
+from .app import ServerConfig, build_app
+from .engine import Engine
+from .state_cache import StateCache
+
+log = logging.getLogger("kimi_mlx.server")
+
+
+def make_engine(model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, prefill_step: int = 512,
+                kv_bits: int | None = None, state_cache_mb: int = 2048, spill_dir: str | None = None,
+                spill_mb: int = 8192, model_name: str = "this model") -> Engine:
+    state_cache = None
+    if state_cache_mb > 0:
+        state_cache = StateCache(state_cache_mb << 20, spill_dir, spill_mb << 20, model, model_name)
+    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_step=prefill_step,
+                  kv_bits=kv_bits, state_cache=state_cache)
+
+
+def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, *,
+          max_batch: int = 16, max_queue: int = 64, max_tokens: int = 512, prefill_step: int = 512,
+          kv_bits: int | None = None, state_cache_mb: int = 2048, spill_dir: str | None = None,
+          spill_mb: int = 8192, log_level: str = "info", ready=None) -> None:
+    """Serve `model_path` (folder, hub repo id or 'demo') at http://host:port until stopped.
+    ready: optional callable(port) once listening (tests)."""
+    from .. import load
+    from ..loading import resolve_model_path
+
+    folder = resolve_model_path(model_path)
+    model, tokenizer = load(str(folder))
+    name = "demo" if model_path == "demo" else model_path
+    if kv_bits not in (None, 16, 8, 4):
+        raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4 bits")
+    engine = make_engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_step=prefill_step,
+                         kv_bits=kv_bits, state_cache_mb=state_cache_mb, spill_dir=spill_dir, spill_mb=spill_mb,
+                         model_name=name)
+    app = build_app(engine, ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
+                                         kv_bits=kv_bits))
+
+    server = make_uvicorn(engine, app, host, port, log_level, ready)
+    try:
+        server.run()
+    except OSError as e:
+        raise KimiError(f"cannot serve on {host}:{port} ({e.strerror or e})") from None
+
+
+def make_uvicorn(engine: Engine, app, host: str, port: int, log_level: str = "info", ready=None):
+    """A uvicorn.Server for `app` whose startup starts the engine thread and whose shutdown
+    drains it (after uvicorn has let the open connections finish)."""
+    import uvicorn
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        engine.start()
+        if ready is not None:
+            ready(port)
+        yield
+        engine.stop(drain=True, timeout=60)
+
+    app.router.lifespan_context = lifespan
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
+                            access_log=False)
+    return uvicorn.Server(config)
