@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class ModelArgs:
                 "point --model at a Kimi-Linear checkpoint"
             )
         names = {f.name for f in dataclasses.fields(cls)}
+        _check_types(config, source)
         args = cls(**{k: v for k, v in config.items() if k in names})
         if args.quantization is None and "quantization_config" in config:
             args.quantization = config["quantization_config"]
@@ -72,13 +74,52 @@ class ModelArgs:
         return cls.from_dict(read_config(path), source=str(path))
 
     def _validate(self, source: str) -> None:
+        """Values the model cannot be built from: sizes < 1, more experts per token than experts,
+        layer indices outside the stack, a KDA config without its sizes. One line naming the file."""
+
+        def fail(problem: str) -> ModelFormatError:
+            return ModelFormatError(f"{source}: {problem}; fix config.json or download the model again")
+
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise fail(f"{name} is {getattr(self, name)}, must be >= 1")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise fail(f"{name} is {getattr(self, name)}, must be >= 0")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise fail(f"rms_norm_eps is {self.rms_norm_eps}, must be > 0")
+        if not math.isfinite(self.routed_scaling_factor):
+            raise fail(f"routed_scaling_factor is {self.routed_scaling_factor}")
+        if self.num_experts > 0 and not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise fail(f"num_experts_per_token is {self.num_experts_per_token}, must be in 1..num_experts "
+                       f"({self.num_experts})")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise fail(f"{name} {value} is outside the vocabulary 0..{self.vocab_size - 1}")
         lac = self.linear_attn_config
         for key in ("num_heads", "head_dim", "kda_layers"):
             if key not in lac:
                 raise ModelFormatError(f"{source}: linear_attn_config lacks {key!r}")
-        bad = [i for i in lac["kda_layers"] if not 1 <= i <= self.num_hidden_layers]
-        if bad:
-            raise ModelFormatError(f"{source}: kda_layers {bad} outside 1..{self.num_hidden_layers}")
+        for key in ("num_heads", "head_dim", "short_conv_kernel_size"):
+            value = lac.get(key, 4)
+            if not _is_int(value) or value < 1 or (key == "short_conv_kernel_size" and value < 2):
+                raise fail(f"linear_attn_config.{key} is {value!r}, must be a whole number >= "
+                           f"{2 if key == 'short_conv_kernel_size' else 1}")
+        layers = {}
+        for key in ("kda_layers", "full_attn_layers"):
+            value = lac.get(key, [])
+            if not isinstance(value, list) or not all(_is_int(i) for i in value):
+                raise fail(f"linear_attn_config.{key} is {value!r}, must be a list of layer numbers")
+            bad = [i for i in value if not 1 <= i <= self.num_hidden_layers]
+            if bad:
+                raise ModelFormatError(f"{source}: {key} {bad} outside 1..{self.num_hidden_layers}")
+            if len(set(value)) != len(value):
+                raise fail(f"linear_attn_config.{key} repeats a layer")
+            layers[key] = set(value)
+        if layers["kda_layers"] & layers["full_attn_layers"]:
+            raise fail(f"layers {sorted(layers['kda_layers'] & layers['full_attn_layers'])} are in both "
+                       "kda_layers and full_attn_layers")
         if self.moe_router_activation_func != "sigmoid":
             raise ModelFormatError(f"{source}: only the sigmoid router is supported")
         if self.num_expert_group != 1 or self.topk_group != 1:
@@ -111,6 +152,33 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "model_max_length",
+             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size",
+             "moe_layer_freq")
+_NON_NEGATIVE = ("qk_rope_head_dim", "num_experts", "num_experts_per_token", "num_shared_experts",
+                 "first_k_dense_replace")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(config: dict, source: str) -> None:
+    """Each known key's JSON type against the field's (a string hidden_size, a float layer count)."""
+    for f in dataclasses.fields(ModelArgs):
+        if f.name not in config or config[f.name] is None and "None" in str(f.type):
+            continue
+        value, kind = config[f.name], str(f.type).split(" | ")[0]
+        ok = {"int": _is_int(value) or (kind == "int" and f.name == "eos_token_id" and isinstance(value, list)
+                                        and all(map(_is_int, value))),
+              "float": _is_int(value) or isinstance(value, float),
+              "bool": isinstance(value, bool), "str": isinstance(value, str),
+              "dict": isinstance(value, dict)}.get(kind, True)
+        if not ok:
+            raise ModelFormatError(f"{source}: {f.name} is {value!r} ({type(value).__name__}), expected {kind}; "
+                                   "fix config.json or download the model again")
 
 
 def read_config(path: str | Path) -> dict:

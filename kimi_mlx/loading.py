@@ -125,6 +125,9 @@ def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
     """Read a model folder (config.json + safetensors) into a ready Model (weights evaluated)."""
+    from .switch import check_environment  # the model modules declared their path variables
+
+    check_environment()  # a bad KIMI_MLX_* value is one line now, not a failure mid-generation
     folder = resolve_model_path(path)
     args = ModelArgs.from_file(folder / "config.json")
     weights, origin = read_weights(folder)

@@ -133,3 +133,118 @@ def test_nan_logits_stop_generation_with_an_error(loaded, calls, temperature):
             tokens.append(r.token)
     # the prompt is fed in two calls (all but its last token, then the last); then one per token
     assert len(tokens) == max(calls - 2, 0)  # every token before the NaN, none after
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def with_config(folder, tmp_path, change):
+    """A copy of the model folder whose config.json has `change` applied."""
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    change(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def setter(key, value, inner=False):
+    def change(config):
+        (config["linear_attn_config"] if inner else config)[key] = value
+    return change
+
+
+BAD_CONFIGS = [
+    ("hidden_size", setter("hidden_size", "32"), "hidden_size is '32' (str), expected int"),
+    ("float layers", setter("num_hidden_layers", 4.0), "num_hidden_layers is 4.0"),
+    ("null vocab", setter("vocab_size", None), "vocab_size is None"),
+    ("bool as int", setter("num_experts", True), "num_experts is True"),
+    ("string bool", setter("tie_word_embeddings", "false"), "tie_word_embeddings is 'false'"),
+    ("topk > experts", setter("num_experts_per_token", 5), "num_experts_per_token is 5, must be in 1..num_experts (4)"),
+    ("topk 0", setter("num_experts_per_token", 0), "num_experts_per_token is 0"),
+    ("negative size", setter("intermediate_size", -48), "intermediate_size is -48, must be >= 1"),
+    ("zero heads", setter("num_attention_heads", 0), "num_attention_heads is 0"),
+    ("negative rope", setter("qk_rope_head_dim", -4), "qk_rope_head_dim is -4"),
+    ("eps", setter("rms_norm_eps", 0), "rms_norm_eps is 0"),
+    ("kda head dim", setter("head_dim", 0, inner=True), "linear_attn_config.head_dim is 0"),
+    ("kda heads str", setter("num_heads", "2", inner=True), "linear_attn_config.num_heads is '2'"),
+    ("conv kernel", setter("short_conv_kernel_size", 1, inner=True), "short_conv_kernel_size is 1"),
+    ("unknown layer", setter("kda_layers", [1, 2, 9], inner=True), "kda_layers [9] outside 1..4"),
+    ("layer 0", setter("kda_layers", [0, 1], inner=True), "kda_layers [0] outside 1..4"),
+    ("layer names", setter("kda_layers", ["1"], inner=True), "kda_layers is ['1']"),
+    ("both kinds", setter("full_attn_layers", [1, 2], inner=True), "are in both kda_layers and full_attn_layers"),
+    ("bos", setter("bos_token_id", 512), "bos_token_id 512 is outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize("change,message", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_values_are_one_line_naming_the_file(folder, tmp_path, change, message):  # noqa: F811
+    copy = with_config(folder, tmp_path, change)
+    with pytest.raises(KimiError) as err:
+        ModelArgs.from_file(copy / "config.json")
+    assert message in str(err.value) and str(copy / "config.json") in str(err.value)
+    assert "\n" not in str(err.value)
+    result = CliRunner().invoke(app, ["generate", "--model", str(copy), "-p", "hi"])
+    one_line_exit_2(result, "config.json", message)
+
+
+def test_the_released_config_is_valid():
+    from pathlib import Path
+
+    args = ModelArgs.from_file(Path(__file__).parent / "data" / "kimi_linear_48b_a3b_config.json")
+    assert (args.hidden_size, args.num_experts_per_token) == (2304, 8)
+    assert ModelArgs.from_dict({**CONFIG, "eos_token_id": [258, 257]}).eos_token_id == [258, 257]
+
+
+# ---------------------------------------------------------------- path switches in the environment
+
+
+@pytest.mark.parametrize("var,value", [("KIMI_MLX_KDA_PATH", "fastest"), ("KIMI_MLX_EXPERT_PATH", "sparse"),
+                                       ("KIMI_MLX_KERNELS", "cuda")])
+def test_unknown_path_values_in_the_environment_are_one_line(folder, monkeypatch, var, value):  # noqa: F811
+    monkeypatch.setenv(var, value)
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "-p", "hi", "-n", "2"])
+    one_line_exit_2(result, f"${var}={value!r}", "valid:")
+
+
+# ---------------------------------------------------------------- prompt-cache files
+
+
+def rewrite(path, out, change):
+    """A copy of a state file with `change(arrays)` applied (its metadata kept)."""
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    change(arrays)
+    mx.save_safetensors(str(out), arrays, metadata=meta)
+    return out
+
+
+BAD_ARRAYS = [
+    ("kda state shape", lambda a: a.__setitem__("cache.0.3", a["cache.0.3"][:, :1]), "layer 0 recurrent state"),
+    ("kda state dtype", lambda a: a.__setitem__("cache.0.3", a["cache.0.3"].astype(mx.float16)),
+     "layer 0 recurrent state is mlx.core.float16"),
+    ("conv width", lambda a: a.__setitem__("cache.1.0", a["cache.1.0"][..., :5]), "layer 1 conv window"),
+    ("latent width", lambda a: a.__setitem__("cache.2.0", a["cache.2.0"][..., :7]), "layer 2 latent page"),
+    ("latent dtype", lambda a: a.__setitem__("cache.2.0", a["cache.2.0"].astype(mx.int32)), "layer 2 latent page"),
+    ("batch of 2", lambda a: a.__setitem__("cache.0.0", mx.concatenate([a["cache.0.0"]] * 2)), "layer 0 conv"),
+    ("token ids", lambda a: a.__setitem__("tokens", a["tokens"] + 600), "token ids outside 0..511"),
+    ("token dtype", lambda a: a.__setitem__("tokens", a["tokens"].astype(mx.float32)), "tokens is mlx.core.float32"),
+    ("2-D tokens", lambda a: a.__setitem__("tokens", a["tokens"][None]), "expected 1-D"),
+    ("missing array", lambda a: a.pop("cache.1.2"), "KeyError"),
+]
+
+
+@pytest.mark.parametrize("change,message", [c[1:] for c in BAD_ARRAYS], ids=[c[0] for c in BAD_ARRAYS])
+def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(loaded, folder, tmp_path, change, message):  # noqa: F811
+    from kimi_mlx.prompt_cache import load_prompt_cache, make_prompt_cache
+
+    model, tok = loaded
+    assert not model.args.is_kda_layer(2) and model.args.is_kda_layer(0)  # the layers the cases name
+    good = tmp_path / "good.safetensors"
+    make_prompt_cache(model, tok, "some text to cache").save(good, model)
+    load_prompt_cache(good, model)  # the untouched file loads
+    bad = rewrite(good, tmp_path / "bad.safetensors", change)
+    with pytest.raises(KimiError, match="corrupt file") as err:
+        load_prompt_cache(bad, model)
+    assert message in str(err.value) and str(bad) in str(err.value)
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt-cache", str(bad), "-p", "q"])
+    one_line_exit_2(result, "corrupt file")

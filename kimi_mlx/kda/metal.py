@@ -48,6 +48,7 @@ import numpy as np
 
 from .chunked import _decay_gram, _to_chunks, kda_chunked
 from .naive import kda_naive
+from ..switch import UnknownChoiceError, register_env
 
 
 def _metal_dir() -> Path:
@@ -61,6 +62,7 @@ def _metal_dir() -> Path:
 METAL_DIR = _metal_dir()
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
+register_env(ENV_VAR, "kernel mode", MODES)
 CHUNK = 64  # chunk length of the prefill form
 # From this many tokens kda_metal takes the chunk route, below it kda_decode; None: kda_decode
 # always. See the module docstring: to be set from `bench_kda_roofline.py --measure` on a Mac.
@@ -274,7 +276,7 @@ def set_kernel_mode(mode: str | None) -> None:
     """Force "ops", "metal" or "auto" for this process; None goes back to $KIMI_MLX_KERNELS."""
     global _mode
     if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown kernel mode {mode!r}; valid: {', '.join(MODES)}")
+        raise UnknownChoiceError(f"unknown kernel mode {mode!r}; valid: {', '.join(MODES)}")
     _mode = mode
 
 
@@ -284,7 +286,7 @@ def get_kernel_mode() -> str:
     env = os.environ.get(ENV_VAR)
     if env:
         if env not in MODES:
-            raise ValueError(f"${ENV_VAR}={env!r}; valid: {', '.join(MODES)}")
+            raise UnknownChoiceError(f"${ENV_VAR}={env!r}: unknown kernel mode; valid: {', '.join(MODES)}")
         return env
     return "auto"
 
