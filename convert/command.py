@@ -13,6 +13,8 @@ def run_convert(src: str, dst: str, *, options: ConvertOptions, force: bool = Fa
     out = out or sys.stdout  # looked up at call time (test runners swap sys.stdout)
     summary = convert_checkpoint(src, dst, options, force=force)
     print(f"converted {src} -> {summary}", file=out)
+    for warning in summary.warnings:  # said at the start too; again here, after the progress bar
+        print(warning, file=sys.stderr)
     if report:
         from .report import compare_models
 

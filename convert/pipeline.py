@@ -10,7 +10,9 @@ write queue, whatever the model size.
 Reliability: everything is checked and planned before the first read (source.py, plan.py); the
 output is built in DST.partial/ and renamed to DST only when complete, so a DST never looks
 complete when it is not. Shards are recorded as they complete (writer.py): running the same
-command again after an interruption skips the shards already done.
+command again after an interruption skips the shards already done, when the record names the
+same source (hub revision, or folder and each shard's size and mtime) and options. The source
+and outputs never overlap, and one conversion at a time holds DST.partial (a lock).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,10 +35,11 @@ from .plan import Plan, make_plan
 from .readahead import Readahead
 from .recipe import DTYPES, ConvertOptions
 from .source import Source, open_source
-from .writer import Progress, Sink
+from .writer import PROGRESS, Progress, Sink, io_error
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
+HEADROOM_SHARE, HEADROOM_BYTES = 0.01, 64 << 20  # free disk asked for beyond the output
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Summary:
     params: int
     seconds: float
     peak_rss: int  # bytes, from the OS
+    warnings: list[str] = field(default_factory=list)  # e.g. no tokenizer files in the source
 
     @property
     def bits_per_weight(self) -> float:
@@ -61,37 +66,125 @@ class Summary:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), *,
                        force: bool = False, log=None) -> Summary:
-    """Convert SRC (folder or hub repo id) into the folder DST; see the module docstring."""
+    """Convert SRC (folder or hub repo id) into the folder DST; see the module docstring.
+
+    Refused before anything is written (KimiError, one line): a DST that exists (without force) or
+    that is not a model folder (even with force), a DST.partial that is not a conversion's folder,
+    any overlap of SRC with DST or DST.partial (either inside the other, symlinks resolved), too
+    little free disk, and a second conversion into the same DST while one runs (a lock on
+    DST.partial). A full disk or another I/O error during the run is one KimiError line too; the
+    complete shards are kept and the same command resumes.
+    """
     start = time.perf_counter()
     log = log or _log
     opts = options.resolved()
-    dst = Path(dst).expanduser()
+    dst = _output_path(dst)
     partial = dst.with_name(dst.name + ".partial")
-    if dst.exists() and not force:
-        raise KimiError(f"{dst}: already exists; pass --force to overwrite it")
+    _check_outputs(dst, partial, force)
     source = open_source(src)
-    if source.folder.resolve() in (dst.resolve(), *dst.resolve().parents):
-        raise KimiError(f"{dst}: would overwrite the source checkpoint; pick another output folder")
+    check_no_overlap(source, dst, partial)
     plan = make_plan(source, opts)
+    warnings = [w for w in [_tokenizer_warning(source, dst)] if w]
+    for w in warnings:
+        log(w)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not partial.exists():
-        _check_disk(dst.parent, plan.total_bytes)
-        partial.mkdir()
-    progress = Progress.resume(partial, plan, log)
-    _check_disk(partial, plan.total_bytes - progress.bytes_done())
     try:
-        _write_shards(source, plan, partial, progress)
-    except KeyboardInterrupt:
-        log(f"stopped: {len(progress.shards)} of {len(plan.shards)} shards kept in {partial}; "
-            "run the same command again to resume")
-        raise
-
-    _write_metadata(source, plan, partial)
-    progress.remove()
-    _commit(partial, dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not partial.exists():
+            _check_disk(dst.parent, plan.total_bytes)
+        partial.mkdir(exist_ok=True)
+        with locked(partial, dst):
+            progress = Progress.resume(partial, plan, log)
+            _check_disk(partial, plan.total_bytes - progress.bytes_done())
+            try:
+                _write_shards(source, plan, partial, progress)
+            except KeyboardInterrupt:
+                log(f"stopped: {len(progress.shards)} of {len(plan.shards)} shards kept in {partial}; "
+                    "run the same command again to resume")
+                raise
+            _write_metadata(source, plan, partial)
+            progress.remove()
+            _commit(partial, dst)
+    except OSError as e:  # what writer._guard does not name (metadata, folders, the final rename)
+        raise io_error(Path(e.filename) if e.filename else partial, e) from None
     return Summary(dst, source.folder, opts.describe(), plan.total_bytes, len(plan.shards), plan.num_params,
-                   time.perf_counter() - start, peak_rss())
+                   time.perf_counter() - start, peak_rss(), warnings)
+
+
+def _output_path(dst: str | Path) -> Path:
+    """DST made absolute (so '.' and '..' have a name to put '.partial' after); links kept as links."""
+    path = Path(os.path.abspath(Path(dst).expanduser()))
+    if not path.name:
+        raise KimiError(f"{dst}: not a folder name for the output; pass a new folder, e.g. {Path(dst) / 'kimi-4bit'}")
+    return path
+
+
+def _check_outputs(dst: Path, partial: Path, force: bool) -> None:
+    """DST may be replaced only with force and only when it is a model folder (config.json) or an
+    empty folder; DST.partial must be a folder this converter made (its progress record) or empty."""
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise KimiError(f"{dst}: already exists; pass --force to overwrite it")
+        if not dst.is_dir():
+            raise KimiError(f"{dst}: exists and is not a folder; --force replaces only a model folder, "
+                            "so pick another output path")
+        if not (dst / "config.json").exists() and any(dst.iterdir()):
+            raise KimiError(f"{dst}: exists and is not a model folder (no config.json); --force replaces "
+                            "only a model folder, so pick another output folder")
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise KimiError(f"{partial}: exists and is not a folder (a conversion builds DST there); "
+                        "remove or rename it, or pick another output folder")
+    if partial.is_dir() and not (partial / PROGRESS).exists() and any(partial.iterdir()):
+        raise KimiError(f"{partial}: exists and was not made by kimi-mlx convert (no {PROGRESS}); "
+                        "remove or rename it, or pick another output folder")
+
+
+def check_no_overlap(source: Source, dst: Path, partial: Path) -> None:
+    """Refuse when an output path and the source share anything: the same folder, either inside
+    the other, or a source file reached through a link (a hub cache's snapshot links to its blobs).
+    All paths resolved, so a link or '..' cannot hide an overlap."""
+    inputs = {source.folder.resolve()}
+    inputs |= {p.resolve() for p in source.folder.iterdir() if p.is_symlink()}
+    for out in (dst, partial):
+        target = out.resolve()
+        for path in inputs:
+            if target == path or target in path.parents or path in target.parents:
+                raise KimiError(f"{out}: overlaps the source checkpoint {source.folder} (the same folder, "
+                                "or one inside the other); pick an output folder outside it")
+
+
+def _tokenizer_warning(source: Source, dst: Path) -> str | None:
+    missing = [f for f in TOKENIZER_FILES if not (source.folder / f).exists()]
+    if not missing:
+        return None
+    return (f"warning: {source.label} has no tokenizer files ({', '.join(missing)}): {dst} will hold the "
+            "weights, but kimi-mlx generate/chat and kimi_mlx.load will fail on it until you copy "
+            "tiktoken.model, tokenizer_config.json and the chat template from the original model into it")
+
+
+@contextmanager
+def locked(partial: Path, dst: Path):
+    """Hold an exclusive lock on the DST.partial folder for the whole run, so a second conversion
+    into the same DST stops at once instead of writing the same files. flock: the kernel drops the
+    lock when its process ends however it ends (kill -9 too), so a lock is never stale."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): MLX does not run there; convert without the lock
+        yield
+        return
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KimiError(f"{partial}: another conversion into {dst} is running (it holds this folder); "
+                            "wait for it to finish or stop it, then run the command again") from None
+        if not partial.is_dir() or os.stat(partial).st_ino != os.fstat(fd).st_ino:
+            raise KimiError(f"{partial}: another conversion into {dst} just finished or moved it; "
+                            "run the command again")
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_shards(source: Source, plan: Plan, folder: Path, progress: Progress) -> None:
@@ -127,10 +220,22 @@ def _write_shards(source: Source, plan: Plan, folder: Path, progress: Progress) 
             mx.clear_cache()  # hand freed buffers back: the next group's sizes differ
             bar.update(group.source_bytes - covered)
             ahead.advance(group.source_bytes - covered)
-    finally:
-        ahead.close()
-        sink.close()
-        bar.close()
+    except BaseException:
+        _quietly(ahead.close, sink.close, bar.close)  # a cleanup error must not hide the real one
+        raise
+    ahead.close()
+    sink.close()
+    bar.close()
+
+
+def _quietly(*closers) -> None:
+    """Run each cleanup step, ignoring its errors: called while another error is on its way out
+    (on a full disk, closing a file that still has buffered bytes fails again)."""
+    for close in closers:
+        try:
+            close()
+        except Exception:
+            pass
 
 
 def compute_streams() -> list:
@@ -219,13 +324,13 @@ mlx-lm (`mlx_lm.load`): tensor names and the `quantization` block in config.json
 
 
 def _commit(partial: Path, dst: Path) -> None:
-    """DST.partial -> DST in one rename (an existing DST, allowed by --force, is removed after)."""
+    """DST.partial -> DST in one rename (an existing DST, allowed by --force, is removed after:
+    moved aside to a fresh name first, so nothing else is ever deleted)."""
     if not dst.exists() and not dst.is_symlink():
         os.replace(partial, dst)
         return
-    old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    old = next(p for i in range(1 << 20) if not (p := dst.with_name(f"{dst.name}.old{i or ''}")).exists()
+               and not p.is_symlink())
     os.replace(dst, old)
     os.replace(partial, dst)
     if old.is_dir() and not old.is_symlink():
@@ -235,10 +340,14 @@ def _commit(partial: Path, dst: Path) -> None:
 
 
 def _check_disk(where: Path, need: int) -> None:
+    """Refuse before writing when the output (or what is left of it) plus a headroom does not fit:
+    HEADROOM_SHARE of it + HEADROOM_BYTES for metadata, temporary files and the file system."""
     free = shutil.disk_usage(where).free
-    if free < need * 1.01 + (64 << 20):
-        raise KimiError(f"{where}: not enough free disk for the output: {human_bytes(need)} needed, "
-                        f"{human_bytes(free)} free")
+    headroom = int(need * HEADROOM_SHARE) + HEADROOM_BYTES
+    if free < need + headroom:
+        raise KimiError(f"{where}: not enough free disk for the output: {human_bytes(need + headroom)} needed "
+                        f"({human_bytes(need)} of weights + {human_bytes(headroom)} headroom: "
+                        f"{HEADROOM_SHARE:.0%} + {human_bytes(HEADROOM_BYTES)}), {human_bytes(free)} free")
 
 
 def human_bytes(n: int) -> str:

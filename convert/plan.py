@@ -117,6 +117,7 @@ class Plan:
     quantization: dict | None  # the config.json block, None when not quantized
     num_params: int
     fingerprint: str
+    source_id: dict  # which checkpoint: source.Source.identity()
 
     @property
     def total_bytes(self) -> int:
@@ -196,8 +197,9 @@ def make_plan(source: Source, options: ConvertOptions) -> Plan:
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     num_params = sum(a.size for a in laid_out.values())
-    fingerprint = _fingerprint(source, opts, shards, names)
-    return Plan(opts, groups, shards, names, quantization, num_params, fingerprint)
+    source_id = source.identity()
+    fingerprint = _fingerprint(source, source_id, opts, shards, names)
+    return Plan(opts, groups, shards, names, quantization, num_params, fingerprint, source_id)
 
 
 def assign_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
@@ -213,10 +215,13 @@ def assign_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTens
     return shards
 
 
-def _fingerprint(source: Source, opts: ConvertOptions, shards, names) -> str:
-    """Identifies the inputs and the plan: a partial output is resumed only when it matches."""
+def _fingerprint(source: Source, source_id: dict, opts: ConvertOptions, shards, names) -> str:
+    """Identifies the inputs and the plan: a partial output is resumed only when it matches. The
+    layout alone is not enough (a Base and an Instruct checkpoint have the same tensors and file
+    sizes), so the source's identity is part of it."""
     blob = json.dumps({
         "version": FORMAT_VERSION,
+        "source_id": source_id,
         "options": [opts.quantize, opts.bits, opts.group_size, opts.mode, opts.recipe, opts.dtype],
         "source": sorted((t.name, t.file, t.dtype, t.shape, t.nbytes) for t in source.tensors.values()),
         "files": sorted((f, (source.folder / f).stat().st_size) for f in {t.file for t in source.tensors.values()}),

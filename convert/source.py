@@ -52,6 +52,17 @@ class Source:
         """How the README and summary name the source: the repo id, or the folder's name."""
         return self.repo_id or self.folder.name
 
+    def identity(self) -> dict:
+        """What names these bytes, for resuming a conversion: the hub repo and its revision (a
+        commit), else the folder (resolved) and each shard's size and modification time, so a
+        folder whose files were replaced or copied in again counts as another source."""
+        files = sorted({t.file for t in self.tensors.values()})
+        if self.repo_id and self.revision:
+            return {"repo": self.repo_id, "revision": self.revision,
+                    "files": [[f, (self.folder / f).stat().st_size] for f in files]}
+        stats = [(f, (self.folder / f).stat()) for f in files]
+        return {"folder": str(self.folder.resolve()), "files": [[f, st.st_size, st.st_mtime_ns] for f, st in stats]}
+
     def placeholder(self, name: str) -> mx.array:
         """A lazy array of the tensor's shape and dtype that is never evaluated (planning only)."""
         t = self.tensors[name]

@@ -84,8 +84,13 @@ class ShardWriter:
         return {"size": self.size, "sha256": self.sha.hexdigest()}
 
     def abandon(self) -> None:
+        """Stop after an error or an interrupt. The .tmp stays (resume deletes it); closing may fail
+        again (on a full disk the buffered bytes cannot be flushed): the first error is the one to report."""
         self.pool.shutdown(cancel_futures=True)
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            pass
 
 
 class Sink:
@@ -148,16 +153,17 @@ class Sink:
 class Progress:
     """`convert-progress.json` in DST.partial: the plan's fingerprint and the shards complete."""
 
-    def __init__(self, folder: Path, fingerprint: str):
-        self.path, self.fingerprint = folder / PROGRESS, fingerprint
+    def __init__(self, folder: Path, fingerprint: str, source: dict | None = None):
+        self.path, self.fingerprint, self.source = folder / PROGRESS, fingerprint, source
         self.shards: dict[str, dict] = {}
 
     @classmethod
     def resume(cls, folder: Path, plan: Plan, log) -> "Progress":
         """Read the record and keep the shards that verify; clear everything else in the folder."""
-        progress = cls(folder, plan.fingerprint)
+        progress = cls(folder, plan.fingerprint, plan.source_id)
         try:
             saved = json.loads(progress.path.read_text())
+            saved = saved if isinstance(saved, dict) else {}
         except (OSError, ValueError):
             saved = {}
         if saved.get("fingerprint") == plan.fingerprint:
@@ -165,8 +171,11 @@ class Progress:
             for name, record in saved.get("shards", {}).items():
                 if record.get("tensors") == expected.get(name) and _verify(folder / name, record):
                     progress.shards[name] = record
+        elif saved.get("source") not in (None, plan.source_id):
+            log(f"{folder}: started from another source ({_describe(saved['source'])}), not "
+                f"{_describe(plan.source_id)}; starting over (shards of two checkpoints are never mixed)")
         elif saved:
-            log(f"{folder}: made with other options or another source; starting over")
+            log(f"{folder}: made with other options; starting over")
         for path in folder.iterdir():  # stale temp files, unverified shards, old metadata
             if path.name not in progress.shards and not path.is_dir():
                 path.unlink()
@@ -184,12 +193,20 @@ class Progress:
 
     def _save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        text = json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}, indent=1)
+        text = json.dumps({"fingerprint": self.fingerprint, "source": self.source, "shards": self.shards}, indent=1)
         _guard(tmp, lambda: tmp.write_text(text))
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _describe(source) -> str:
+    if not isinstance(source, dict):
+        return "unknown"
+    if source.get("repo"):
+        return f"{source['repo']} at {source.get('revision') or 'an unknown revision'}"
+    return f"{source.get('folder')} as of its shards' sizes and times"
 
 
 def _verify(path: Path, record: dict) -> bool:
@@ -207,7 +224,12 @@ def _guard(path: Path, fn):
     try:
         return fn()
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise KimiError(f"{path}: disk full; free some space and run the same command again "
-                            "to resume (complete shards are kept)") from None
-        raise KimiError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise io_error(path, e) from None
+
+
+def io_error(path: Path, e: OSError) -> KimiError:
+    """One line for an OSError while writing the output: a full disk (or quota) says how to resume."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KimiError(f"{path}: disk full; free some space and run the same command again "
+                         "to resume (complete shards are kept)")
+    return KimiError(f"{path}: cannot write ({e.strerror or e}); the same command resumes once that is fixed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -200,32 +201,89 @@ def test_interrupted_conversion_resumes_byte_identical(ref32, tmp_path, monkeypa
     assert not partial.exists()
 
 
-def test_disk_full_mid_write_is_one_line_and_resumable(ref32, tmp_path, monkeypatch):
-    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
-    real_write = writer.ShardWriter.write
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes: writes then fail with ENOSPC, and so
+    does close() (the buffered bytes cannot be flushed), as on a real full file system."""
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
+    def __init__(self, f, room: int):
+        self.f, self.room, self.full = f, room, False
 
-        def write(self, data):
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self.room:
+            self.full = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def close(self):
+        self.f.close()
+        if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def close(self):
-            self.f.close()
 
-    def full(self, piece):
-        if self.path.name.startswith("model-00002") and not isinstance(self.f, FullDisk):
-            self.f = FullDisk(self.f)  # the file system refuses from the second shard on
-        real_write(self, piece)
+def fill_disk_at(monkeypatch, shard_prefix: str, room: int = 100):
+    """The output disk fills `room` bytes into the shard whose name starts with shard_prefix."""
+    real_open = open
 
-    monkeypatch.setattr(writer.ShardWriter, "write", full)
-    with pytest.raises(KimiError, match=r"model-00002-of-\d+\.safetensors\.tmp: disk full; .* resume"):
+    def opener(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f, room) if Path(path).name.startswith(shard_prefix) and "w" in mode else f
+
+    monkeypatch.setattr(writer, "open", opener, raising=False)
+
+
+def test_disk_full_mid_write_is_one_line_and_resumable(ref32, tmp_path, monkeypatch):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    fill_disk_at(monkeypatch, "model-00002")
+    with pytest.raises(KimiError, match=r"model-00002-of-\d+\.safetensors\.tmp: disk full; .* resume") as e:
         run(ref32.folder, tmp_path / "dst", options)
+    assert "\n" not in str(e.value)  # and not the OSError of the failing close() during cleanup
     monkeypatch.undo()
     assert not (tmp_path / "dst").exists()
-    run(ref32.folder, tmp_path / "dst", options)
+    kept = json.loads((tmp_path / "dst.partial" / "convert-progress.json").read_text())["shards"]
+    assert list(kept) == [n for n in kept if n.startswith("model-00001")] and kept  # shard 1 kept
+    messages = []
+    run(ref32.folder, tmp_path / "dst", options, log=messages.append)
+    assert any("resuming" in m and "1 of" in m for m in messages), messages
     assert files(tmp_path / "dst") == files(run(ref32.folder, tmp_path / "clean", options).dst)
+
+
+@pytest.mark.parametrize("where", ["shard", "metadata", "progress"])
+def test_disk_full_through_the_cli_is_one_line_exit_2(ref32, tmp_path, monkeypatch, where):
+    """Wherever the disk fills (a shard, config/index/tokenizer files, the progress record): one
+    line on stderr, exit 2, no traceback, and the same command then completes."""
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    if where == "shard":
+        fill_disk_at(monkeypatch, "model.safetensors")
+    elif where == "metadata":
+        def full(source, plan, folder):
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "config.json"))
+        monkeypatch.setattr(pipeline, "_write_metadata", full)
+    else:
+        real_save = writer.Progress._save
+
+        def full_after_first(self):
+            if self.shards:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            real_save(self)
+        monkeypatch.setattr(writer.Progress, "_save", full_after_first)
+    args = ["convert", str(ref32.folder), str(tmp_path / "dst"), "--bits", "4", "--group-size", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "disk full" in errors[0], result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "dst").exists()
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert files(tmp_path / "dst") == files(run(ref32.folder, tmp_path / "clean", Q4).dst)
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -287,22 +345,240 @@ def test_quantized_source_is_refused(out, tmp_path):
 
 def test_existing_dst_needs_force(ref32, out, tmp_path):
     dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("mine")
+    shutil.copytree(out("fp32", FP32), dst)  # an earlier conversion
+    (tmp_path / "dst.old").mkdir()  # someone's folder that happens to have the name of the aside copy
+    (tmp_path / "dst.old" / "keep.txt").write_text("mine")
     with pytest.raises(KimiError, match=r"dst: already exists; pass --force"):
         run(ref32.folder, dst)
-    assert (dst / "keep.txt").exists()
+    assert files(dst) == files(out("fp32", FP32))
     run(ref32.folder, dst, force=True)
     assert files(dst) == files(out("q4", Q4))
-    with pytest.raises(KimiError, match="would overwrite the source"):
-        run(ref32.folder, ref32.folder, force=True)
+    assert (tmp_path / "dst.old" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "dst.old"]
+
+
+@pytest.mark.parametrize("kind", ["folder_of_other_files", "file"])
+def test_force_replaces_only_a_model_folder(ref32, tmp_path, kind):
+    """--force never deletes what is not a model folder (a home folder, documents, a file)."""
+    dst = tmp_path / "dst"
+    if kind == "file":
+        dst.write_text("mine")
+    else:
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+    with pytest.raises(KimiError, match=r"dst: exists and is not a (model )?folder.*--force replaces only a model"):
+        run(ref32.folder, dst, force=True)
+    assert (dst.read_text() if kind == "file" else (dst / "keep.txt").read_text()) == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
 def test_not_enough_disk_is_refused_before_writing(ref32, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
-    with pytest.raises(KimiError, match=r"not enough free disk for the output: .* needed, 1.00 KB free"):
+    with pytest.raises(KimiError, match=r"not enough free disk for the output: .* needed \(.* of weights \+ "
+                                        r".* headroom: 1% \+ 67.11 MB\), 1.00 KB free"):
         run(ref32.folder, tmp_path / "dst")
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
+
+
+# ------------------------------------------------------------------------------ never destroy or mix
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (links followed), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def overlap_case(kind: str, ref: Path, tmp: Path, monkeypatch) -> tuple[Path, str, Path]:
+    """-> (source folder, DST as the user types it, folder whose files must survive)."""
+    src = tmp / "ckpt"
+    shutil.copytree(ref, src)
+    if kind == "dst_is_src":
+        return src, str(src), src
+    if kind == "dst_inside_src":
+        return src, str(src / "out"), src
+    if kind == "dst_is_dot":
+        monkeypatch.chdir(src)
+        return src, ".", src
+    if kind == "dst_dot_dot":
+        monkeypatch.chdir(src / "..")
+        (tmp / "config.json").write_text("{}")  # the parent looks like a model folder too
+        return src, str(Path("ckpt") / ".."), tmp
+    if kind == "dst_is_a_link_to_src":
+        (tmp / "link").symlink_to(src)
+        return src, str(tmp / "link"), src
+    if kind == "src_through_a_link":
+        (tmp / "link").symlink_to(src)
+        return tmp / "link", str(src), src
+    if kind == "src_shards_link_into_dst":  # a hub cache: the snapshot links to blobs elsewhere
+        store = tmp / "store"
+        store.mkdir()
+        (store / "config.json").write_text((src / "config.json").read_text())
+        for f in src.glob("*.safetensors"):
+            shutil.move(f, store / f.name)
+            f.symlink_to(store / f.name)
+        return src, str(store), store
+    if kind == "partial_is_src":
+        shutil.move(src, tmp / "out.partial")
+        return tmp / "out.partial", str(tmp / "out"), tmp / "out.partial"
+    if kind == "partial_links_to_src":
+        (tmp / "out.partial").symlink_to(src)
+        return src, str(tmp / "out"), src
+    raise ValueError(kind)
+
+
+OVERLAPS = ["dst_is_src", "dst_inside_src", "dst_is_dot", "dst_dot_dot", "dst_is_a_link_to_src",
+            "src_through_a_link", "src_shards_link_into_dst", "partial_is_src", "partial_links_to_src"]
+
+
+@pytest.mark.parametrize("kind", OVERLAPS)
+def test_overlap_of_source_and_output_is_refused_with_force_too(ref32, tmp_path, monkeypatch, kind):
+    src, dst, keep = overlap_case(kind, ref32.folder, tmp_path, monkeypatch)
+    before, names = snapshot(keep), sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KimiError, match=r"overlaps the source|not made by kimi-mlx convert|is not a folder") as e:
+        run(str(src), dst, force=True)
+    assert "\n" not in str(e.value)
+    assert snapshot(keep) == before and sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_dst_partial_that_is_a_file_is_one_line(ref32, tmp_path):
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    (tmp_path / "dst.partial").write_text("mine")
+    result = CliRunner().invoke(app, ["convert", str(ref32.folder), str(tmp_path / "dst"), "--force"])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors == [f"error: {tmp_path / 'dst.partial'}: exists and is not a folder (a conversion builds DST "
+                      "there); remove or rename it, or pick another output folder"]
+    assert (tmp_path / "dst.partial").read_text() == "mine" and not (tmp_path / "dst").exists()
+
+
+def test_dst_partial_not_made_by_the_converter_is_kept(ref32, tmp_path):
+    (tmp_path / "dst.partial").mkdir()
+    (tmp_path / "dst.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(KimiError, match=r"dst\.partial: exists and was not made by kimi-mlx convert"):
+        run(ref32.folder, tmp_path / "dst")
+    assert (tmp_path / "dst.partial" / "notes.txt").read_text() == "mine"
+
+
+def scaled_copy(src: Path, dst: Path, scale: float) -> Path:
+    """The same layout, tensor names, dtypes and file sizes with other values (Base vs Instruct)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    weights = mx.load(str(src / "model.safetensors"))
+    mx.save_safetensors(str(dst / "model.safetensors"), {k: v * scale for k, v in weights.items()})
+    return dst
+
+
+def interrupt_in_shard(monkeypatch, prefix: str = "model-00003"):
+    real_write = writer.ShardWriter.write
+
+    def dies(self, piece):
+        if self.path.name.startswith(prefix):
+            raise KeyboardInterrupt
+        real_write(self, piece)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", dies)
+
+
+@pytest.mark.parametrize("how", ["another_folder", "same_folder_files_replaced"])
+def test_resume_from_another_source_starts_over_never_mixes(ref32, tmp_path, monkeypatch, how):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    base = scaled_copy(ref32.folder, tmp_path / "base", 1.0)
+    instruct = scaled_copy(ref32.folder, tmp_path / "instruct", 0.5)
+    assert (base / "model.safetensors").stat().st_size == (instruct / "model.safetensors").stat().st_size
+    want = files(run(instruct, tmp_path / "clean", options).dst)
+    interrupt_in_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(base, tmp_path / "dst", options)
+    monkeypatch.undo()
+    assert len(json.loads((tmp_path / "dst.partial" / "convert-progress.json").read_text())["shards"]) == 2
+    if how == "same_folder_files_replaced":  # Instruct copied over Base in the same place
+        shutil.copy(instruct / "model.safetensors", base / "model.safetensors")
+        second = base
+    else:
+        second = instruct
+    messages = []
+    run(second, tmp_path / "dst", options, log=messages.append)
+    assert any("another source" in m and "starting over" in m for m in messages), messages
+    assert not any("resuming" in m for m in messages), messages
+    got = files(tmp_path / "dst")
+    assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
+
+
+def test_resume_of_the_same_source_is_kept(ref32, tmp_path, monkeypatch):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    interrupt_in_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(ref32.folder, tmp_path / "dst", options)
+    monkeypatch.undo()
+    messages = []
+    run(ref32.folder, tmp_path / "dst", options, log=messages.append)
+    assert any("resuming" in m and "2 of" in m for m in messages), messages
+
+
+def test_second_conversion_into_the_same_dst_is_refused_while_one_runs(ref32, tmp_path, monkeypatch):
+    options = ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)
+    real_write, seen = writer.ShardWriter.write, []
+
+    def write_and_race(self, piece):
+        if self.path.name.startswith("model-00002") and not seen:
+            with pytest.raises(KimiError, match=r"dst\.partial: another conversion into .*dst is running") as e:
+                run(ref32.folder, tmp_path / "dst", options)
+            seen.append(str(e.value))
+        real_write(self, piece)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", write_and_race)
+    run(ref32.folder, tmp_path / "dst", options)
+    assert len(seen) == 1  # the second run was refused, the first completed undisturbed
+    monkeypatch.undo()
+    assert files(tmp_path / "dst") == files(run(ref32.folder, tmp_path / "clean", options).dst)
+
+
+def test_lock_of_a_killed_conversion_is_not_stale(ref32, tmp_path):
+    """A process that holds DST.partial's lock blocks a conversion; once it is killed (-9), the
+    next conversion runs: the kernel dropped its lock."""
+    import signal
+    import subprocess
+    import sys
+
+    partial = tmp_path / "dst.partial"
+    partial.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(partial)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KimiError, match="another conversion into .* is running"):
+            run(ref32.folder, tmp_path / "dst")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run(ref32.folder, tmp_path / "dst")
+    assert (tmp_path / "dst" / "model.safetensors").exists()
+
+
+def test_source_without_tokenizer_files_warns_loudly(ref32, tmp_path):
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    messages = []
+    summary = run(ref32.folder, tmp_path / "dst", log=messages.append)
+    warning = (r"^warning: .* has no tokenizer files \(tiktoken\.model, tokenizer_config\.json\): \S+ will hold "
+               r"the weights, but kimi-mlx generate/chat and kimi_mlx\.load will fail")
+    assert len(summary.warnings) == 1 and re.match(warning, summary.warnings[0])
+    assert summary.warnings[0] in messages  # said before the conversion starts
+    result = CliRunner().invoke(app, ["convert", str(ref32.folder), str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(warning, result.stderr, re.M)) == 2, result.stderr  # before, and after the progress bar
+    with pytest.raises(KimiError, match="tiktoken.model"):  # what the warning announces
+        from kimi_mlx import load_tokenizer
+
+        load_tokenizer(tmp_path / "cli")
 
 
 def test_hub_repo_offline_is_one_line(tmp_path, monkeypatch):
@@ -328,11 +604,12 @@ def test_hub_repo_from_the_cache_names_repo_and_revision(ref32, out, tmp_path, m
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    dst = run("someone/tiny-kimi", tmp_path / "dst").dst
+    summary = run("someone/tiny-kimi", tmp_path / "dst")
+    dst = summary.dst
     card = (dst / "README.md").read_text()
     assert "base_model: someone/tiny-kimi" in card and f"revision `{commit}`" in card
     assert all((dst / name).read_text() == text for name, text in tokenizer.items())
-    assert "no tokenizer files" not in card
+    assert "no tokenizer files" not in card and not summary.warnings
     assert (dst / "model.safetensors").read_bytes() == (out("q4", Q4) / "model.safetensors").read_bytes()
 
 
