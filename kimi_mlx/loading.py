@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from math import prod
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,23 +39,65 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+# Bytes per element of each safetensors dtype (the format's full list).
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+                      "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
 def check_safetensors(path: Path) -> dict:
-    """Validate a safetensors file's header against its size; return the header. Catches truncation."""
+    """Validate a safetensors file's header against the format and the file's size; return the
+    header. Catches truncation, garbage, and headers whose entries are not what they claim (wrong
+    JSON types, unknown dtypes, byte ranges that disagree with dtype x shape, overlap or run past
+    the end), so nothing malformed reaches mx.load. One ModelFormatError line naming the file."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not a valid safetensors file ({e}); download it again") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = _check_header(header)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        reason = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the header held
+        raise ModelFormatError(f"{path}: not a valid safetensors file ({reason[:200]}); download it again") from None
     if 8 + n + end > size:
         raise ModelFormatError(
             f"{path}: truncated ({size} bytes, header says {8 + n + end}); download or convert it again"
         )
     return header
+
+
+def _check_header(header) -> int:
+    """The header's structure, entry by entry (ValueError naming the first bad one) -> data length."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    ranges = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise ValueError("__metadata__ is not an object of strings")
+            continue
+        if not isinstance(meta, dict):
+            raise ValueError(f"entry {name!r} is not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [start, end]")
+        if offsets[1] - offsets[0] != prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for {dtype} {shape}")
+        ranges.append(offsets)
+    ranges.sort()
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise ValueError("two tensors share bytes")
+    return max((end for _, end in ranges), default=0)
 
 
 def read_weights(folder: Path) -> tuple[dict, dict]:
@@ -65,7 +108,7 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
         try:
             arrays = mx.load(str(path))
         except Exception as e:  # mlx raises RuntimeError/ValueError with a terse message
-            raise ModelFormatError(f"{path}: cannot read ({e})") from None
+            raise ModelFormatError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
         for name, w in arrays.items():
             weights[name] = w
             origin[name] = path.name
