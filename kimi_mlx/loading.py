@@ -76,8 +76,8 @@ def _check_header(header) -> int:
         raise ValueError("the header is not a JSON object")
     ranges = []
     for name, meta in header.items():
-        if name == "__metadata__":
-            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        if name == "__metadata__":  # MLX writes null when there is none
+            if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
                 raise ValueError("__metadata__ is not an object of strings")
             continue
         if not isinstance(meta, dict):
