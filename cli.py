@@ -152,9 +152,9 @@ def plan(
     batch: int = typer.Option(1, "--batch", help="Sequences at once"),
 ):
     """Memory plan: weights, KDA states, latent cache and prefill activations against the memory; exit 1 if it does not fit."""
-    from kimi_mlx.plan import plan_for_path
+    from kimi_mlx.plan import gib_to_bytes, plan_for_path
 
-    memory = None if memory_gb is None else int(memory_gb * 2**30)
+    memory = None if memory_gb is None else _run(gib_to_bytes, memory_gb)
     result = _run(plan_for_path, model, context, kv_bits=kv_bits, prefill_step=prefill_step, batch=batch,
                   memory_bytes=memory)
     typer.echo(result.format())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -53,10 +54,16 @@ class _State:
         return sum(a.nbytes for c in self.cache for a in c.state)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _clean_text(text: str) -> str:
-    """Lone surrogates (undecodable bytes kept by surrogateescape, a broken UTF-16 pair) become
-    U+FFFD: the tokenizer would replace them anyway, and they cannot be saved as UTF-8."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if not text.isascii() else text
+    """Lone surrogates (undecodable bytes kept by surrogateescape, half a UTF-16 pair) become one
+    U+FFFD each, split pairs are joined: what the tokenizer would encode (tiktoken does the same),
+    and text that can be saved as UTF-8."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _check_template_renders_turns_alone(tokenizer) -> None:

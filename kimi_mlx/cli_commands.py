@@ -9,12 +9,24 @@ from .errors import KimiError
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text. A file that is not UTF-8 is refused (one line naming it and the first bad
+    byte), not decoded with replacements: the user can fix the file, and a silently altered prompt
+    (then cached by cache-prompt) is worse than an error. An argument that is not valid UTF-8
+    (Python keeps such bytes as lone surrogates) is refused the same way."""
     if (prompt is None) == (prompt_file is None):
         raise KimiError("give exactly one of --prompt or --prompt-file")
     if prompt_file is None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise KimiError(f"--prompt is not valid UTF-8 text (character {e.start}); "
+                            "re-encode it or use --prompt-file") from None
         return prompt
     try:
-        return Path(prompt_file).read_text()
+        return Path(prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KimiError(f"{prompt_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
     except OSError as e:
         raise KimiError(f"{prompt_file}: cannot read the prompt ({e.strerror})") from None
 

@@ -22,6 +22,7 @@ Sizes print in GiB (2^30 bytes; a "128 GB" Mac has 128 GiB, and --memory-gb coun
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -263,7 +264,9 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
     if dtype not in DTYPE_BYTES:
         raise KimiError(f"config.json: dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
     kv_bits = 16 if kv_bits is None else kv_bits
-    prefill_step = prefill_step or DEFAULT_PREFILL_STEP
+    prefill_step = DEFAULT_PREFILL_STEP if prefill_step is None else prefill_step
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise KimiError(f"memory of {memory_bytes} bytes: give a positive amount (--memory-gb)")
     if kv_bits not in (16, 8, 4):
         raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4")
     if context < 1 or batch < 1 or prefill_step < 1:
@@ -294,6 +297,13 @@ def check_context_fits(config: dict | ModelArgs, context: int, kv_bits: int | No
     if not plan.fits:
         raise ContextDoesNotFit(f"{context:,} tokens do not fit in memory; the plan:\n{plan.format()}")
     return plan
+
+
+def gib_to_bytes(memory_gb: float) -> int:
+    """--memory-gb as bytes; NaN, inf and amounts <= 0 are refused (one line)."""
+    if not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise KimiError(f"--memory-gb {memory_gb}: give a positive number of GiB")
+    return int(memory_gb * 2**30)
 
 
 def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,11 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise KimiError(f"{path}: is a folder; give a file name, e.g. {path / 'chat.safetensors'}")
     if not path.parent.is_dir():
         raise KimiError(f"{path}: the folder {path.parent} does not exist; create it or choose another")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise KimiError(f"{path}: cannot write in {path.parent} (permission denied); choose another folder")
+    try:  # a real probe: permissions, read-only file systems and root's exemptions all show here
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise KimiError(f"{path}: cannot write in {path.parent} ({e.strerror}); choose another folder") from None
     return path
 
 

@@ -248,3 +248,15 @@ def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(loaded, folder
     assert message in str(err.value) and str(bad) in str(err.value)
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt-cache", str(bad), "-p", "q"])
     one_line_exit_2(result, "corrupt file")
+
+
+# ---------------------------------------------------------------- plan
+
+
+@pytest.mark.parametrize("args,flag", [(["--memory-gb", "-3"], "--memory-gb"), (["--memory-gb", "0"], "--memory-gb"),
+                                       (["--memory-gb", "nan"], "--memory-gb"), (["--memory-gb", "inf"], "--memory-gb"),
+                                       (["--prefill-step", "0"], "prefill step 0"), (["--batch", "0"], "batch 0"),
+                                       (["--kv-bits", "5"], "--kv-bits 5")])
+def test_plan_refuses_impossible_amounts(args, flag):
+    result = CliRunner().invoke(app, ["plan", "--model", "demo", "--context", "1000", *args])
+    one_line_exit_2(result, flag)

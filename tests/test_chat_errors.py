@@ -1,0 +1,178 @@
+"""A chat session never dies on a failed command, and cache-prompt never leaves a traceback or half a file.
+
+Driven through the harness of test_chat.py (tiny random model, byte-level Kimi tokenizer). The
+expected value of each case: one `error:` line, the conversation unchanged (messages, ids), and
+the session still working (a later /save writes a file that loads back to the same messages).
+"""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from test_chat import ENV, ROOT, cli
+from test_chat import folder as folder  # noqa: F401 (fixture)
+from test_chat import loaded as loaded  # noqa: F401 (fixture)
+from typer.testing import CliRunner
+
+from kimi_mlx import chat as chat_module
+from kimi_mlx.chat import ChatSession, chat_loop
+from kimi_mlx.cli import app
+
+
+def unwritable(tmp_path) -> Path:
+    """A folder no file can be created in (root ignores permissions: use /proc there)."""
+    if os.geteuid() == 0:
+        return Path("/proc")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    return ro
+
+
+def run_lines(session, lines, stdin=None):
+    err = io.StringIO()
+    stdin = stdin or io.StringIO("\n".join(lines) + "\n")
+    code = chat_loop(session, stdin, io.StringIO(), err)
+    return code, err.getvalue()
+
+
+def error_lines(notes):
+    return [line for line in notes.splitlines() if line.startswith("error:")]
+
+
+def test_failed_commands_keep_the_session(loaded, folder, tmp_path):  # noqa: F811
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=3)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    bad_json = tmp_path / "badjson.safetensors"
+    mx.save_safetensors(str(bad_json), {"tokens": mx.array([1], dtype=mx.int32)},
+                        metadata={"format": "kimi-mlx-chat"})
+    failing = [
+        "/save .", "/save /", "/save ..", f"/save {tmp_path}", f"/save {unwritable(tmp_path) / 'c.safetensors'}",
+        f"/save {tmp_path / 'no' / 'such' / 'c.safetensors'}",
+        f"/load {garbage}", f"/load {tmp_path}", f"/load {tmp_path / 'missing'}", f"/load {bad_json}",
+        f"/load {folder / 'model.safetensors'}", "/load .",
+    ]
+    good = tmp_path / "good.safetensors"
+    code, notes = run_lines(session, ["first message", *failing, "second", f"/save {good}"])
+    assert code == 0
+    errors = error_lines(notes)
+    assert len(errors) == len(failing), notes  # one line each
+    assert "Traceback" not in notes
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["first message", "second"]
+    assert good.is_file() and not list(tmp_path.glob("*.tmp*"))
+    back = ChatSession(model, tok, max_tokens=3)
+    back.load(good)
+    assert back.messages == session.messages and back.tokens == session.tokens
+
+
+def test_any_exception_in_a_command_is_one_line_and_the_conversation_stays(loaded, monkeypatch):  # noqa: F811
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=3)
+    failures = iter([OSError(5, "Input/output error", "x.safetensors"), RuntimeError("boom"), MemoryError()])
+
+    def fail(path):
+        raise next(failures)
+
+    code, notes = run_lines(session, ["hello"])
+    before = (list(session.tokens), list(session.messages))
+    monkeypatch.setattr(session, "save", fail)
+    code, notes = run_lines(session, ["/save a", "/save b", "/save c"])
+    assert code == 0
+    errors = error_lines(notes)
+    assert errors[0] == "error: x.safetensors: Input/output error"
+    assert "RuntimeError: boom" in errors[1] and "MemoryError" in errors[2] and len(errors) == 3
+    assert (session.tokens, session.messages) == before
+
+
+def test_invalid_utf8_on_stdin_is_replaced_and_save_still_works(loaded, tmp_path):  # noqa: F811
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=3)
+    path = tmp_path / "c.safetensors"
+    raw = b"caf\xe9 \xff\xfe ok\n/save " + str(path).encode() + b"\n"
+    stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")  # strict, as sys.stdin is
+    code, notes = run_lines(session, [], stdin=stdin)
+    assert code == 0 and not error_lines(notes), notes
+    assert session.messages[0]["content"] == "caf\ufffd \ufffd\ufffd ok"
+    back = ChatSession(model, tok, max_tokens=3)
+    back.load(path)
+    assert back.messages == session.messages
+
+
+def test_undecodable_text_from_python_is_cleaned_and_saved(loaded, tmp_path):  # noqa: F811
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=2, system="sys \udcff")  # bytes kept by surrogateescape
+    session.chat("a \udce9 b \ud83d")
+    session.save(tmp_path / "c.safetensors")
+    assert session.system == "sys \ufffd" and "\ufffd b \ufffd" in session.messages[1]["content"]
+
+
+def test_cli_chat_survives_bad_bytes_and_bad_saves(folder, tmp_path):  # noqa: F811
+    good = tmp_path / "good.safetensors"
+    stdin = b"hi \xff there\n/save .\n/save " + str(good).encode() + b"\n/quit\n"
+    proc = subprocess.run(cli("--model", str(folder), "--max-tokens", "2"), input=stdin, capture_output=True,
+                          cwd=ROOT, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"}, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and "is a folder" in err
+    assert good.is_file()
+
+
+def test_long_messages_show_prefill_progress(loaded, capfd):  # noqa: F811
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=1)
+    session.chat("short")
+    assert "prefill" not in capfd.readouterr().err
+    session.chat("x" * chat_module.PROGRESS_MIN_TOKENS)
+    err = capfd.readouterr().err
+    assert "prefill" in err and "100%" in err
+
+
+# ---------------------------------------------------------------- cache-prompt and prompt files
+
+
+@pytest.mark.parametrize("where", ["dot", "root", "folder", "missing", "unwritable"])
+def test_cache_prompt_refuses_a_bad_output_in_one_line(folder, tmp_path, where):  # noqa: F811
+    out = {"dot": ".", "root": "/", "folder": str(tmp_path), "missing": str(tmp_path / "no" / "c.safetensors"),
+           "unwritable": str(unwritable(tmp_path) / "c.safetensors")}[where]
+    before = set(tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["cache-prompt", out, "--model", str(folder), "-p", "some text"])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, result.output
+    assert set(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_a_failed_write_leaves_no_file(folder, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "c.safetensors"
+
+    def half_then_full_disk(path, arrays, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise RuntimeError("[save_safetensors] No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", half_then_full_disk)
+    result = CliRunner().invoke(app, ["cache-prompt", str(out), "--model", str(folder), "-p", "some text"])
+    err = result.stderr  # the prefill bar, then the error
+    assert result.exit_code == 2 and len(error_lines(err)) == 1 and "No space left" in err, result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["generate"], ["cache-prompt", "out.safetensors"]])
+def test_a_prompt_file_that_is_not_utf8_is_one_line_naming_it(folder, tmp_path, command):  # noqa: F811
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    result = CliRunner().invoke(app, [*command, "--model", str(folder), "--prompt-file", str(bad)])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and len(err.splitlines()) == 1, result.output
+    assert str(bad) in err and "not UTF-8" in err and "0xe9 at offset 3" in err
+
+
+def test_a_prompt_argument_that_is_not_utf8_is_one_line(folder):  # noqa: F811
+    proc = subprocess.run([sys.executable, "-m", "kimi_mlx.cli", "generate", "--model", str(folder), "-p", b"caf\xe9"],
+                          capture_output=True, cwd=ROOT, env=ENV, timeout=120)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "--prompt is not valid UTF-8" in err, err
