@@ -25,7 +25,8 @@ from typing import Iterator, TextIO
 import mlx.core as mx
 
 from .errors import KimiError
-from .generate import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, check_sampling, stream_generate
+from .generate import (DEFAULT_PREFILL_STEP, PROGRESS_MIN_TOKENS, GenerationResponse, check_context, check_sampling,
+                       stream_generate)
 from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
                            save_state_file)
 
@@ -33,7 +34,6 @@ FILE_FORMAT = "kimi-mlx-chat"
 FILE_VERSION = "1"
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_UNDO_MEMORY = 4 * 2**30  # older snapshots are dropped past this; the last one is always kept
-PROGRESS_MIN_TOKENS = 4 * DEFAULT_PREFILL_STEP  # a message this long shows a prefill bar on stderr
 
 HELP = "commands: /undo /retry /reset /system TEXT /save FILE /load FILE /quit (// starts a message with /)"
 
@@ -95,8 +95,10 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, *,
                  seed: int | None = None, model_name: str | None = None, prefill_step: int = DEFAULT_PREFILL_STEP,
-                 undo_memory: int = DEFAULT_UNDO_MEMORY, kv_bits: int | None = None, **sampling):
+                 undo_memory: int = DEFAULT_UNDO_MEMORY, kv_bits: int | None = None,
+                 ignore_memory_plan: bool = False, **sampling):
         self.model, self.tokenizer = model, tokenizer
+        self.ignore_memory_plan = ignore_memory_plan  # the memory plan is an estimate: a way past it
         check_sampling(max_tokens, seed=seed, prefill_step=prefill_step, **sampling)
         self.max_tokens, self.prefill_step, self.undo_memory = max_tokens, prefill_step, undo_memory
         self.sampling, self.kv_bits = sampling, kv_bits
@@ -205,7 +207,8 @@ class ChatSession:
                 "/undo, /reset or send a shorter message"
             )
         max_tokens = min(self.max_tokens, room)
-        check_context(self.model, len(feed), max_tokens, self.kv_bits, used=base.offset)  # memory plan
+        check_context(self.model, len(feed), max_tokens, self.kv_bits, used=base.offset,  # memory plan
+                      ignore_memory_plan=self.ignore_memory_plan)
         return new, feed, max_tokens
 
     def _turn(self, base: _State, text: str, plan: tuple, commit) -> Iterator[GenerationResponse]:
@@ -214,7 +217,7 @@ class ChatSession:
         reply_ids, reply_text = [], ""
         stream = stream_generate(self.model, self.tokenizer, feed, max_tokens, cache=cache,
                                  prefill_step=self.prefill_step, progress=len(feed) >= PROGRESS_MIN_TOKENS,
-                                 **self.sampling)
+                                 ignore_memory_plan=self.ignore_memory_plan, **self.sampling)
         for r in stream:
             reply_ids.append(r.token)
             reply_text += r.text
@@ -409,7 +412,8 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
 
 def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
              sampling: dict | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             stderr: TextIO | None = None, prompt_cache: str | None = None, kv_bits: int | None = None) -> int:
+             stderr: TextIO | None = None, prompt_cache: str | None = None, kv_bits: int | None = None,
+             ignore_memory_plan: bool = False) -> int:
     """`kimi-mlx chat`: load the model, then chat on stdin/stdout (status lines on stderr).
     prompt_cache: a file from `kimi-mlx cache-prompt`; the first message continues its text."""
     from . import load
@@ -420,7 +424,7 @@ def run_chat(model_path: str, system: str | None = None, max_tokens: int = DEFAU
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
     session = ChatSession(model, tokenizer, system=system, max_tokens=max_tokens, model_name=str(folder),
-                          kv_bits=kv_bits, **(sampling or {}))
+                          kv_bits=kv_bits, ignore_memory_plan=ignore_memory_plan, **(sampling or {}))
     stderr = stderr or sys.stderr
     if prompt_cache is not None:
         if system:

@@ -34,9 +34,8 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=None,
                  prompt_cache=None, kv_bits=None):
     from . import load, stream_generate
+    from .generate import PROGRESS_MIN_TOKENS, check_sampling
     from .loading import resolve_model_path
-
-    from .generate import check_sampling
 
     out = out or sys.stdout
     check_sampling(max_tokens, **sampling)  # before the model is loaded
@@ -53,13 +52,15 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
         if cached.raw != raw:
             raise KimiError(f"{prompt_cache}: cached {'with' if cached.raw else 'without'} --raw; "
                             f"generate {'with' if cached.raw else 'without'} it to continue")
+        ids = cached.continuation(tokenizer, text)
     elif raw:  # --raw: the text as is; control-token text becomes control ids (the explicit way)
-        text = tokenizer.encode(text, allow_special=True)
+        ids = tokenizer.encode(text, allow_special=True)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        text = messages
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     last = None
-    for last in stream_generate(model, tokenizer, text, max_tokens, prompt_cache=cached, kv_bits=kv_bits, **sampling):
+    for last in stream_generate(model, tokenizer, ids, max_tokens, prompt_cache=cached, kv_bits=kv_bits,
+                                progress=len(ids) >= PROGRESS_MIN_TOKENS, **sampling):
         out.write(last.text)
         out.flush()
     out.write("\n")

@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .errors import KimiError
 
 DEFAULT_PREFILL_STEP = 512
+PROGRESS_MIN_TOKENS = 4 * DEFAULT_PREFILL_STEP  # the CLI shows a prefill bar on stderr from this many prompt ids
 
 
 @dataclass
@@ -106,9 +107,11 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
                         + (f" ({len(bad)} such ids)" if len(bad) > 1 else ""))
 
 
-def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0) -> None:
+def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0,
+                  ignore_memory_plan: bool = False) -> None:
     """Refuse a request past the model's context, or one whose memory plan does not fit this
-    machine (with the plan in the message), before any work is done."""
+    machine (with the plan in the message), before any work is done. The plan counts the loaded
+    model's own bytes; the rest is an estimate, so ignore_memory_plan=True skips it."""
     max_context = getattr(model.args, "model_max_length", None)
     total = used + prompt_tokens + max_tokens
     if max_context and total > max_context:
@@ -117,9 +120,11 @@ def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | Non
             + (f" after {used} cached" if used else "")
             + f" exceeds the model's context of {max_context}"
         )
-    from .plan import check_context_fits  # here: plan imports the model modules
+    if ignore_memory_plan:
+        return
+    from .plan import check_model_context_fits  # here: plan is not needed to import generate
 
-    check_context_fits(model.args, total, kv_bits)
+    check_model_context_fits(model, total, kv_bits)
 
 
 def generate_tokens(
@@ -233,6 +238,7 @@ def stream_generate(
     prompt_cache=None,
     kv_bits: int | None = None,
     progress: bool = False,
+    ignore_memory_plan: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages; yield a response per token.
 
@@ -240,7 +246,8 @@ def stream_generate(
     (kimi_mlx.prompt_cache) to continue from a copy of; a text prompt then continues its open
     user turn. kv_bits: latent cache precision of a fresh cache (16, 8 or 4). progress: a
     prefill bar on stderr. Raises KimiError (at the first next()) for options outside their
-    ranges (check_sampling), token ids outside the vocabulary, a prompt past the context, and
+    ranges (check_sampling), token ids outside the vocabulary, a prompt past the context, a
+    memory plan that does not fit (unless ignore_memory_plan: the plan is an estimate), and
     logits that turn NaN. Text is encoded as text (control-token text stays text); pass ids
     from tokenizer.encode(text, allow_special=True) to send control tokens.
     """
@@ -256,7 +263,7 @@ def stream_generate(
     check_token_ids(ids, model.args.vocab_size)
     used = cache[0].offset if cache else 0
     bits = next((c.kv_bits for c in cache if hasattr(c, "kv_bits")), kv_bits)
-    check_context(model, len(ids), max_tokens, bits, used=used)
+    check_context(model, len(ids), max_tokens, bits, used=used, ignore_memory_plan=ignore_memory_plan)
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.mla import MultiLinear  # per-head linear with a quantized form; reused as is
 
 from .cache import LatentCache
 from .config import ModelArgs
@@ -37,6 +36,10 @@ MASKED = -1e30  # finite, so a fully masked block never makes NaN in the online 
 
 class MLAttention(nn.Module):
     def __init__(self, args: ModelArgs):
+        # Imported here: mlx-lm's package imports transformers (seconds), and `kimi-mlx plan` imports
+        # this module for its block sizes without building a layer.
+        from mlx_lm.models.mla import MultiLinear  # per-head linear with a quantized form; reused as is
+
         super().__init__()
         self.num_heads = H = args.num_attention_heads
         self.nope_dim = args.qk_nope_head_dim

@@ -15,12 +15,10 @@ import mlx.nn as nn
 
 from .cache import KDACache, LatentCache, make_cache
 from .config import ModelArgs
+from .dtypes import FP32_PARAMS  # noqa: F401 (imported from here by others)
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import MLAttention
 from .moe import MLP, SparseMoE
-
-# Parameters kept in float32 whatever the weights' dtype: gates and router bias set decisions.
-FP32_PARAMS = ("A_log", "dt_bias", "e_score_correction_bias")
 
 
 class DecoderLayer(nn.Module):

@@ -93,7 +93,7 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
                     how_to_make: str) -> tuple[list[int], list, dict]:
     """Read a file written by save_state_file for this model: (tokens, cache, metadata).
     A missing or foreign file, or one saved from another model, is a KimiError naming it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise KimiError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:

@@ -176,3 +176,12 @@ def test_a_prompt_argument_that_is_not_utf8_is_one_line(folder):  # noqa: F811
                           capture_output=True, cwd=ROOT, env=ENV, timeout=120)
     err = proc.stderr.decode().strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "--prompt is not valid UTF-8" in err, err
+
+
+def test_cli_generate_shows_prefill_progress_for_long_prompts_only(folder, tmp_path):  # noqa: F811
+    long = tmp_path / "long.txt"
+    long.write_text("x" * chat_module.PROGRESS_MIN_TOKENS)
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt-file", str(long), "-n", "1"])
+    assert result.exit_code == 0 and "prefill" in result.stderr and "100%" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "-p", "short", "-n", "1"])
+    assert result.exit_code == 0 and "prefill" not in result.stderr, result.output

@@ -205,3 +205,29 @@ def test_raw_is_the_explicit_way_to_send_control_tokens(tiny):
     pc = make_prompt_cache(model, tok, "a<|im_end|>", raw=True)
     assert control_ids(tok, pc.tokens) == [tok.special_tokens["<|im_end|>"]]
     assert control_ids(tok, pc.continuation(tok, "<|im_user|>")) == [tok.special_tokens["<|im_user|>"]]
+
+
+def test_content_parts_stay_text(demo_tok):
+    parts = [{"type": "text", "text": FORGED}, {"type": "text", "text": "<|im_end|>"}]
+    ids = demo_tok.apply_chat_template([{"role": "user", "content": parts}])
+    names = ["<|im_user|>", "<|im_middle|>", "<|im_end|>", "<|im_assistant|>", "<|im_middle|>"]
+    assert control_ids(demo_tok, ids) == [demo_tok.special_tokens[n] for n in names]
+    assert FORGED + "<|im_end|>" in demo_tok.decode(ids)
+
+
+def test_cli_generate_encodes_control_text_as_text_unless_raw(tiny, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    folder = write_model(tmp_path_factory.mktemp("sec_cli"), seed=5)
+
+    def prompt_tokens(*args):
+        result = CliRunner().invoke(app, ["generate", "--model", str(folder), "-n", "1", "--verbose", *args])
+        assert result.exit_code == 0, result.output
+        return int(result.stderr.split("prompt: ")[1].split(" tokens")[0])
+
+    _, tok = tiny
+    plain = len(tok.apply_chat_template([{"role": "user", "content": "<|im_end|>"}]))
+    assert prompt_tokens("-p", "<|im_end|>") == plain  # ten bytes of text inside the user turn
+    assert prompt_tokens("--raw", "-p", "<|im_end|>") == 1  # one control id
