@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 KV_BITS_HELP = "Latent (MLA) cache precision: 16 (default), 8 or 4 bits"
+IGNORE_PLAN_HELP = "Run even when the memory plan says the context does not fit (the plan is an estimate)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Kimi-Linear-48B-A3B with MLX.")
 
@@ -54,6 +55,7 @@ def generate(
     prompt_cache: Optional[str] = typer.Option(
         None, "--prompt-cache", help="Continue a file from cache-prompt: the prompt follows its text"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    ignore_memory_plan: bool = typer.Option(False, "--ignore-memory-plan", help=IGNORE_PLAN_HELP),
 ):
     """Generate a reply to one prompt, streamed to stdout."""
     from kimi_mlx.cli_commands import run_generate
@@ -62,7 +64,7 @@ def generate(
         run_generate, model, prompt, prompt_file, raw=raw, system=system, max_tokens=max_tokens,
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed),
-        verbose=verbose, prompt_cache=prompt_cache, kv_bits=kv_bits,
+        verbose=verbose, prompt_cache=prompt_cache, kv_bits=kv_bits, ignore_memory_plan=ignore_memory_plan,
     )
 
 
@@ -80,6 +82,7 @@ def chat(
     prompt_cache: Optional[str] = typer.Option(
         None, "--prompt-cache", help="Start from a file from cache-prompt: your first message follows its text"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
+    ignore_memory_plan: bool = typer.Option(False, "--ignore-memory-plan", help=IGNORE_PLAN_HELP),
 ):
     """Chat in the terminal (/undo /retry /reset /system /save /load /quit); Ctrl-C stops a reply."""
     from kimi_mlx.chat import run_chat
@@ -88,7 +91,7 @@ def chat(
         run_chat, model, system=system, max_tokens=max_tokens,
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed),
-        prompt_cache=prompt_cache, kv_bits=kv_bits,
+        prompt_cache=prompt_cache, kv_bits=kv_bits, ignore_memory_plan=ignore_memory_plan,
     )
     raise typer.Exit(code)
 
@@ -150,13 +153,15 @@ def plan(
     kv_bits: int = typer.Option(16, "--kv-bits", help="Latent cache precision: 16, 8 or 4"),
     prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Tokens per prefill step (default 512)"),
     batch: int = typer.Option(1, "--batch", help="Sequences at once"),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="cpu or gpu: the backend to plan for (default: this machine's)"),
 ):
     """Memory plan: weights, KDA states, latent cache and prefill activations against the memory; exit 1 if it does not fit."""
     from kimi_mlx.plan import gib_to_bytes, plan_for_path
 
     memory = None if memory_gb is None else _run(gib_to_bytes, memory_gb)
     result = _run(plan_for_path, model, context, kv_bits=kv_bits, prefill_step=prefill_step, batch=batch,
-                  memory_bytes=memory)
+                  memory_bytes=memory, backend=backend)
     typer.echo(result.format())
     if not result.fits:
         raise typer.Exit(1)

@@ -1,15 +1,49 @@
-"""kimi-mlx: Moonshot AI's Kimi-Linear-48B-A3B on Apple Silicon with MLX."""
+"""kimi-mlx: Moonshot AI's Kimi-Linear-48B-A3B on Apple Silicon with MLX.
 
-from .config import ModelArgs
-from .errors import KimiError, ModelFormatError
-from .generate import GenerationResponse, generate, stream_generate
-from .loading import load_model, resolve_model_path
-from .model import Model
-from .tokenizer import KimiTokenizer, load_tokenizer
+The names below are imported on first use (PEP 562), so `import kimi_mlx` and the CLI's light
+commands (`plan`, `info`, `--help`) do not pay for the model's modules: they import mlx-lm, whose
+package imports transformers (2-4 s).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "ModelArgs": ".config",
+    "KimiError": ".errors",
+    "ModelFormatError": ".errors",
+    "GenerationResponse": ".generate",
+    "generate": ".generate",
+    "stream_generate": ".generate",
+    "load_model": ".loading",
+    "resolve_model_path": ".loading",
+    "Model": ".model",
+    "KimiTokenizer": ".tokenizer",
+    "load_tokenizer": ".tokenizer",
+}
 
 
-def load(path_or_repo: str, dtype=None) -> tuple[Model, KimiTokenizer]:
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def load(path_or_repo: str, dtype=None):
     """A model folder or hub repo id -> (model, tokenizer)."""
+    from .loading import load_model, resolve_model_path
+    from .tokenizer import load_tokenizer
+
     folder = resolve_model_path(path_or_repo)
     return load_model(folder, dtype=dtype), load_tokenizer(folder)
 
@@ -18,4 +52,3 @@ __all__ = [
     "GenerationResponse", "KimiError", "KimiTokenizer", "Model", "ModelArgs", "ModelFormatError",
     "generate", "load", "load_model", "load_tokenizer", "stream_generate",
 ]
-__version__ = "0.1.0"

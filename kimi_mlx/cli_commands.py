@@ -8,6 +8,17 @@ from pathlib import Path
 from .errors import KimiError
 
 
+def check_text_option(value: str | None, flag: str) -> str | None:
+    """`value` if it is valid text; an argument of bytes that are not UTF-8 (Python keeps them as
+    lone surrogates) is refused in one line: the user can fix it, and it could not be saved."""
+    try:
+        value is None or value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise KimiError(f"{flag} is not valid UTF-8 text (character {e.start}); re-encode it"
+                        + (" or use --prompt-file" if flag == "--prompt" else "")) from None
+    return value
+
+
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The prompt text. A file that is not UTF-8 is refused (one line naming it and the first bad
     byte), not decoded with replacements: the user can fix the file, and a silently altered prompt
@@ -16,12 +27,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if (prompt is None) == (prompt_file is None):
         raise KimiError("give exactly one of --prompt or --prompt-file")
     if prompt_file is None:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise KimiError(f"--prompt is not valid UTF-8 text (character {e.start}); "
-                            "re-encode it or use --prompt-file") from None
-        return prompt
+        return check_text_option(prompt, "--prompt")
     try:
         return Path(prompt_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -32,13 +38,14 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=None,
-                 prompt_cache=None, kv_bits=None):
+                 prompt_cache=None, kv_bits=None, ignore_memory_plan=False):
     from . import load, stream_generate
     from .generate import PROGRESS_MIN_TOKENS, check_sampling
     from .loading import resolve_model_path
 
     out = out or sys.stdout
     check_sampling(max_tokens, **sampling)  # before the model is loaded
+    check_text_option(system, "--system")
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
@@ -60,7 +67,8 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     last = None
     for last in stream_generate(model, tokenizer, ids, max_tokens, prompt_cache=cached, kv_bits=kv_bits,
-                                progress=len(ids) >= PROGRESS_MIN_TOKENS, **sampling):
+                                progress=len(ids) >= PROGRESS_MIN_TOKENS, ignore_memory_plan=ignore_memory_plan,
+                                **sampling):
         out.write(last.text)
         out.flush()
     out.write("\n")
@@ -88,6 +96,7 @@ def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, 
     err = err or sys.stderr
     step = DEFAULT_PREFILL_STEP if prefill_step is None else prefill_step
     check_sampling(prefill_step=step)  # before the model is loaded
+    check_text_option(system, "--system")
     check_output_file(out_path)  # a folder or an unwritable place is refused before the prefill
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)

@@ -9,15 +9,19 @@ import json
 import struct
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
+from .dtypes import dtype_name, held_float_dtype
 from .errors import KimiError, ModelFormatError
-from .model import FP32_PARAMS, Model
 from .weights import to_mlx_layout
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -151,23 +155,23 @@ def _check_names_and_shapes(model: Model, weights: dict, origin: dict, folder: P
 
 
 def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
-    """Float weights -> dtype (if given); the gate/router parameters always fp32.
-
-    On the CPU backend unquantized routed experts stay fp32: MLX's CPU gather_mm supports only fp32.
-    """
-    experts_fp32 = mx.default_device() == mx.cpu
+    """Float weights -> the dtype the runtime holds them in (kimi_mlx.dtypes.held_float_dtype:
+    `dtype` if given, else as stored; the gate/router parameters always fp32; on the CPU backend
+    the routed experts' float tensors fp32, as MLX's CPU gather_mm supports only fp32)."""
+    override = None if dtype is None else dtype_name(dtype)
     out = {}
     for name, w in weights.items():
-        if name.endswith(FP32_PARAMS) or (experts_fp32 and ".switch_mlp." in name and mx.issubdtype(w.dtype, mx.floating)):
-            w = w.astype(mx.float32)
-        elif dtype is not None and mx.issubdtype(w.dtype, mx.floating):
-            w = w.astype(dtype)
+        if mx.issubdtype(w.dtype, mx.floating):
+            held = held_float_dtype(name, dtype_name(w.dtype), override)
+            if held != dtype_name(w.dtype):
+                w = w.astype(getattr(mx, held))
         out[name] = w
     return out
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
     """Read a model folder (config.json + safetensors) into a ready Model (weights evaluated)."""
+    from .model import Model  # here: the model's modules import mlx-lm (seconds), which plan/info do not need
     from .switch import check_environment  # the model modules declared their path variables
 
     check_environment()  # a bad KIMI_MLX_* value is one line now, not a failure mid-generation

@@ -2,13 +2,16 @@
 
 Counted exactly, from config.json alone (no weights needed, so a user can plan before downloading):
 - weights: every parameter of kimi_mlx.model.Model (`parameter_shapes`; tests match it against an
-  instantiated model) at the bytes the runtime holds. Quantization follows config.json's
-  `quantization` block as mlx-lm does: a Linear, Embedding, SwitchLinear or MultiLinear weight is
-  quantized when its module path has its own entry (a spec, or false) or else when its last dim is a
-  multiple of the group size: bits/8 per weight plus, per group, a scale and a bias in the weight
-  dtype (affine) or one 1-byte scale (mxfp4, mxfp8, nvfp4). Everything else is in the checkpoint
-  dtype (config `dtype` / `torch_dtype`, else bfloat16), except FP32_PARAMS (A_log, dt_bias, the
-  router bias) in float32.
+  instantiated model) at the bytes the runtime holds on the backend planned for (kimi_mlx.dtypes:
+  the loader's own rule; on the CPU backend the routed experts' float tensors are float32).
+  Quantization follows config.json's `quantization` block as mlx-lm does: a Linear, Embedding,
+  SwitchLinear or MultiLinear weight is quantized when its module path has its own entry (a spec,
+  or false) or else when its last dim is a multiple of the group size: bits/8 per weight plus, per
+  group, a scale and a bias in a float dtype (affine) or one 1-byte scale (mxfp4, mxfp8, nvfp4).
+  Float tensors are in the checkpoint dtype (config `dtype` / `torch_dtype`, else bfloat16),
+  except FP32_PARAMS (A_log, dt_bias, the router bias) in float32. When the folder holds the
+  weights, their safetensors headers are counted instead (each tensor's own dtype: exact for a
+  checkpoint of mixed dtypes too); with a loaded model at hand (generate, chat), its parameters.
 - KDA states: per KDA layer the fp32 recurrent state [B, H, Dv, Dk] and three conv windows
   [B, K-1, H*D] in the activation dtype (the layouts of kimi_mlx/cache.py).
 - latent cache: per MLA layer the rows LatentCache allocates for the context (sealed pages, plus a
@@ -33,16 +36,17 @@ import mlx.core as mx
 
 from .cache import KV_GROUP_SIZE, LatentCache
 from .config import ModelArgs, read_config
-from .errors import KimiError
-from .loading import demo_model_path, resolve_model_path
+from .dtypes import FLOAT_BYTES, FP32_PARAMS, dtype_name, experts_fp32, held_float_dtype
+from .errors import KimiError, ModelFormatError
+from .loading import check_safetensors, demo_model_path, resolve_model_path, safetensors_files
 from .mla_layer import ABSORB_MAX_QUERIES, _block_size
-from .model import FP32_PARAMS
 
 MAX_CONTEXT = 1048576  # the released model's model_max_length (ModelArgs' default when config.json lacks it)
 DEFAULT_PREFILL_STEP = 512  # = kimi_mlx.generate.DEFAULT_PREFILL_STEP (not imported: generate may import us)
 MARGIN = 0.9  # a plan fits when its total is at most this share of the memory available
 KDA_CHUNK = 64  # chunk size of the chunked KDA prefill (kimi_mlx/kda/chunked.py)
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = FLOAT_BYTES
+BACKENDS = ("cpu", "gpu")
 
 
 class ContextTooLong(KimiError):
@@ -68,6 +72,8 @@ class MemoryPlan:
     memory_source: str  # where `available` comes from
     weights_by_format: dict  # e.g. {"4-bit affine g64": bytes, "bfloat16": bytes}
     on_disk: tuple[int, int] | None = None  # (bytes, files) of the folder's safetensors, a cross-check
+    backend: str = "gpu"  # the backend planned for: "cpu" or "gpu"
+    weights_source: str = "config.json"  # what the weights were counted from
 
     @property
     def total(self) -> int:
@@ -99,6 +105,8 @@ class MemoryPlan:
             f"memory plan: {self.context:,} tokens, batch {self.batch}, latent cache {self.kv_bits}-bit, "
             f"prefill steps of {self.prefill_step} (GiB = 2^30 bytes)",
             f"  weights       {_gib(self.weights)}  {self.parameters / 1e9:.2f}B parameters: {parts}",
+            f"                held on the {self.backend.upper()} backend, counted from {self.weights_source}"
+            + ("; routed experts in float32 there" if self.backend == "cpu" else ""),
             f"  KDA states    {_gib(self.kda_states)}  fp32 recurrent state + conv windows",
             f"  latent cache  {_gib(self.latent_cache)}  MLA latents, {self.kv_bits}-bit",
             f"  activations   {_gib(self.activations)}  one prefill step (estimate)",
@@ -172,22 +180,82 @@ def quant_spec(module: str, in_dim: int, quantization: dict | None) -> dict | No
     return q
 
 
-def weight_bytes(args: ModelArgs, dtype: str = "bfloat16") -> tuple[int, int, dict]:
-    """-> (parameters, bytes, bytes per storage format) of Model(args) as the runtime holds it."""
-    size, n_params, by_format = DTYPE_BYTES[dtype], 0, Counter()
+def weight_bytes(args: ModelArgs, dtype: str = "bfloat16", cpu: bool | None = None) -> tuple[int, int, dict]:
+    """-> (parameters, bytes, bytes per storage format) of Model(args) as the runtime holds it, for a
+    checkpoint whose float tensors are `dtype`, on the CPU backend (cpu=True), another backend
+    (False) or this machine's default device (None)."""
+    n_params, by_format = 0, Counter()
     for path, (shape, quantizable) in parameter_shapes(args).items():
         n = prod(shape)
         n_params += n
         spec = quant_spec(path.removesuffix(".weight"), shape[-1], args.quantization) if quantizable else None
-        if path.endswith(FP32_PARAMS):
-            by_format["float32"] += 4 * n
-        elif spec is None:
-            by_format[dtype] += size * n
+        if spec is None:
+            held = held_float_dtype(path, dtype, cpu=cpu)
+            by_format[held] += FLOAT_BYTES[held] * n
         else:
             bits, group, mode = spec["bits"], spec.get("group_size", 64), spec.get("mode", "affine")
-            per_group = 2 * size if mode == "affine" else 1  # scale + bias in the weight dtype, or a uint8/fp8 scale
+            scales = held_float_dtype(f"{path.removesuffix('.weight')}.scales", dtype, cpu=cpu)
+            per_group = 2 * FLOAT_BYTES[scales] if mode == "affine" else 1  # float scale + bias, or a uint8 scale
             by_format[f"{bits}-bit {mode} g{group}"] += n * bits // 8 + n // group * per_group
     return n_params, sum(by_format.values()), dict(by_format.most_common())
+
+
+# safetensors dtypes the loader keeps as MLX arrays (others are refused when loading).
+_ST_MX = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
+          "I8": mx.int8, "I32": mx.int32, "U16": mx.uint16, "I16": mx.int16, "BOOL": mx.bool_}
+
+
+def header_weight_bytes(folder: Path, args: ModelArgs, cpu: bool | None = None) -> tuple[int, dict, str]:
+    """-> (bytes, bytes per storage format, activation dtype) of the weights in `folder` as the
+    runtime would hold them, from the safetensors headers alone: each tensor, renamed to the MLX
+    layout as loading does (on lazy placeholders, never allocated), at the dtype the loader gives it.
+    The activation dtype is the embedding's (or its quantization scales')."""
+    from .weights import to_mlx_layout
+
+    placeholders = {}
+    for path in safetensors_files(folder):
+        for name, meta in check_safetensors(path).items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in _ST_MX:
+                raise ModelFormatError(f"{path}: tensor {name} has dtype {meta['dtype']}, which kimi-mlx cannot hold")
+            placeholders[name] = mx.zeros(meta["shape"], _ST_MX[meta["dtype"]])
+    laid_out = to_mlx_layout(placeholders, args)
+    q = args.quantization or {}
+    by_format = Counter()
+    for name, a in laid_out.items():
+        module = name.rsplit(".", 1)[0]
+        if f"{module}.scales" in laid_out:
+            spec = q.get(module) if isinstance(q.get(module), dict) else q
+            label = f"{spec.get('bits', 4)}-bit {spec.get('mode', 'affine')} g{spec.get('group_size', 64)}"
+        else:
+            label = None
+        if mx.issubdtype(a.dtype, mx.floating):
+            held = held_float_dtype(name, dtype_name(a.dtype), cpu=cpu)
+            by_format[label or held] += a.size * FLOAT_BYTES[held]
+        else:
+            by_format[label or dtype_name(a.dtype)] += a.nbytes
+    embed = laid_out.get("model.embed_tokens.scales", laid_out.get("model.embed_tokens.weight"))
+    act = dtype_name(embed.dtype) if embed is not None and dtype_name(embed.dtype) in FLOAT_BYTES else "bfloat16"
+    return sum(by_format.values()), dict(by_format.most_common()), act
+
+
+def loaded_weight_bytes(model) -> tuple[int, dict]:
+    """-> (bytes, bytes per dtype) of a loaded model's parameters: what it holds, measured."""
+    from mlx.utils import tree_flatten
+
+    by_dtype = Counter()
+    for _, p in tree_flatten(model.parameters()):
+        by_dtype[dtype_name(p.dtype)] += p.nbytes
+    return sum(by_dtype.values()), dict(by_dtype.most_common())
+
+
+def _backend_is_cpu(backend: str | None) -> bool | None:
+    if backend is None:
+        return None
+    if backend not in BACKENDS:
+        raise KimiError(f"--backend {backend}: expected cpu or gpu")
+    return backend == "cpu"
 
 
 def latent_rows(tokens: int, append: int) -> int:
@@ -254,13 +322,20 @@ def machine_memory() -> tuple[int, str]:
 
 
 def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = None,
-                prefill_step: int | None = None, batch: int = 1, memory_bytes: int | None = None) -> MemoryPlan:
+                prefill_step: int | None = None, batch: int = 1, memory_bytes: int | None = None,
+                backend: str | None = None, weights: tuple[int, dict, str] | None = None,
+                dtype: str | None = None) -> MemoryPlan:
     """The memory plan of `batch` sequences of `context` tokens (prompt + reply). `config` is
-    config.json as a dict, or ModelArgs (whose weights dtype is then taken as bfloat16)."""
+    config.json as a dict, or ModelArgs (whose weights dtype is then taken as bfloat16).
+    `backend`: "cpu" or "gpu" (None: this machine's default device). `weights`: (bytes, by format,
+    what they were counted from) when known better than from the config (the headers, a loaded
+    model); `dtype`: the activation dtype when known (else the config's)."""
+    cpu = _backend_is_cpu(backend)
     if isinstance(config, ModelArgs):
-        args, dtype = config, "bfloat16"
+        args, config_dtype = config, "bfloat16"
     else:
-        args, dtype = ModelArgs.from_dict(config), config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        args, config_dtype = ModelArgs.from_dict(config), config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    dtype = dtype or config_dtype
     if dtype not in DTYPE_BYTES:
         raise KimiError(f"config.json: dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
     kv_bits = 16 if kv_bits is None else kv_bits
@@ -276,7 +351,10 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
         raise ContextTooLong(f"context of {context:,} tokens: past this model's maximum of {limit:,} tokens "
                              "(model_max_length in config.json); shorten the prompt or the reply")
     act = DTYPE_BYTES[dtype]
-    n_params, weights, by_format = weight_bytes(args, dtype)
+    n_params, held, by_format = weight_bytes(args, dtype, cpu)
+    source = "config.json"
+    if weights is not None:
+        held, by_format, source = weights
     kda_layers = sum(args.is_kda_layer(i) for i in range(args.num_hidden_layers))
     H, D, C = args.kda_heads, args.kda_head_dim, args.kda_heads * args.kda_head_dim
     kda = kda_layers * batch * (4 * H * D * D + 3 * (args.conv_kernel - 1) * C * act)
@@ -285,9 +363,10 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
     # (a padded batch also keeps a [B, rows] bool key mask per MLA layer: bytes, not counted)
     T = min(prefill_step, context)
     activations = activation_bytes(args, T, context, batch, act)
-    available, source = (memory_bytes, "as given") if memory_bytes is not None else machine_memory()
-    return MemoryPlan(context, kv_bits, prefill_step, batch, n_params, weights, kda, latent, activations,
-                      available, source, by_format)
+    available, memory_source = (memory_bytes, "as given") if memory_bytes is not None else machine_memory()
+    return MemoryPlan(context, kv_bits, prefill_step, batch, n_params, held, kda, latent, activations,
+                      available, memory_source, by_format, backend="cpu" if experts_fp32(cpu) else "gpu",
+                      weights_source=source)
 
 
 def check_context_fits(config: dict | ModelArgs, context: int, kv_bits: int | None = None, **kwargs) -> MemoryPlan:
@@ -295,8 +374,18 @@ def check_context_fits(config: dict | ModelArgs, context: int, kv_bits: int | No
     Cheap (arithmetic on the config): generation and chat call it before a long prefill."""
     plan = plan_memory(config, context, kv_bits, **kwargs)
     if not plan.fits:
-        raise ContextDoesNotFit(f"{context:,} tokens do not fit in memory; the plan:\n{plan.format()}")
+        raise ContextDoesNotFit(f"{context:,} tokens do not fit in memory; the plan (an estimate: "
+                                f"--ignore-memory-plan, or ignore_memory_plan=True, runs anyway):\n{plan.format()}")
     return plan
+
+
+def check_model_context_fits(model, context: int, kv_bits: int | None = None, **kwargs) -> MemoryPlan:
+    """check_context_fits for a loaded model: its weights counted as it holds them."""
+    held, by_dtype = loaded_weight_bytes(model)
+    embed = model.model.embed_tokens
+    act = dtype_name(getattr(embed, "scales", embed.weight).dtype)
+    return check_context_fits(model.args, context, kv_bits, weights=(held, by_dtype, "the loaded model"),
+                              dtype=act if act in FLOAT_BYTES else None, **kwargs)
 
 
 def gib_to_bytes(memory_gb: float) -> int:
@@ -317,8 +406,12 @@ def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:
     else:
         folder = _download_config(str(path))
     config = read_config(folder / "config.json")
-    plan = plan_memory(config, context, **kwargs)
     shards = sorted(folder.glob("*.safetensors"))
+    if shards:  # the weights are here: count what each tensor will be held as
+        cpu = _backend_is_cpu(kwargs.get("backend"))
+        held, by_format, act = header_weight_bytes(folder, ModelArgs.from_dict(config), cpu)
+        kwargs = {"weights": (held, by_format, "the safetensors headers"), "dtype": act, **kwargs}
+    plan = plan_memory(config, context, **kwargs)
     if shards:
         plan.on_disk = (sum(f.stat().st_size for f in shards), len(shards))
     return plan

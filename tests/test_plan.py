@@ -15,7 +15,7 @@ from kimi_mlx.cli import app
 from kimi_mlx import Model, ModelArgs
 from kimi_mlx.cache import LatentCache
 from kimi_mlx.errors import KimiError
-from kimi_mlx.model import FP32_PARAMS
+from kimi_mlx.dtypes import FP32_PARAMS
 from kimi_mlx.plan import (DEFAULT_PREFILL_STEP, ContextDoesNotFit, ContextTooLong, check_context_fits, latent_rows,
                            parameter_shapes, plan_for_path, plan_memory)
 
@@ -57,7 +57,7 @@ def test_weight_bytes_are_those_of_a_quantized_model(mode):
     nn.quantize(model, group_size=32, bits=4, mode=mode, class_predicate=predicate)
     params = tree_flatten(model.parameters())
     assert any(n.endswith(".scales") for n, _ in params) and any(p.dtype == mx.bfloat16 for _, p in params)
-    plan = plan_memory(config, 100, memory_bytes=GiB)
+    plan = plan_memory(config, 100, memory_bytes=GiB, backend="gpu")  # experts kept bf16 here, as on a GPU
     assert plan.weights == sum(p.nbytes for _, p in params)
     assert plan.parameters == sum(p.size for _, p in tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
 
@@ -110,18 +110,35 @@ def test_real_parameter_count_by_hand():
     moe = 3 * E * h * inter + 3 * h * inter + E * h + E
     n_kda = len(lac["kda_layers"])
     total = 2 * V * h + n_kda * kda + (L - n_kda) * mla + 3 * h * c["intermediate_size"] + (L - 1) * moe + (2 * L + 1) * h
-    plan = plan_memory(REAL, 1024, memory_bytes=GiB)
+    plan = plan_memory(REAL, 1024, memory_bytes=GiB, backend="gpu")
     assert plan.parameters == total == 49_122_681_728
     fp32 = n_kda * (H + H * D) + (L - 1) * E  # A_log, dt_bias, router bias
     assert plan.weights == 2 * (total - fp32) + 4 * fp32  # bfloat16 checkpoint
+    # On the CPU backend the routed experts are held in float32: 2 more bytes per expert weight.
+    experts = (L - 1) * 3 * E * h * inter
+    assert plan_memory(REAL, 1024, memory_bytes=GiB, backend="cpu").weights == plan.weights + 2 * experts
 
     # 4-bit g64 (9/16 byte per weight with bf16 scale and bias per 64), routers 8-bit (17/16):
     # every quantizable module of this model has an input dim that is a multiple of 64.
     other = (2 * L + 1) * h + n_kda * (3 * H * D * K + D) + (L - n_kda) * R  # norms, conv weights
     routers = (L - 1) * E * h
     quantized = total - other - fp32 - routers
-    q4 = plan_memory(_real(quantization={"group_size": 64, "bits": 4, **ROUTER_8BIT}), 1024, memory_bytes=GiB)
-    assert q4.weights == quantized * 9 // 16 + routers * 17 // 16 + 2 * other + 4 * fp32
+    q4 = _real(quantization={"group_size": 64, "bits": 4, **ROUTER_8BIT})
+    assert plan_memory(q4, 1024, memory_bytes=GiB, backend="gpu").weights == (
+        quantized * 9 // 16 + routers * 17 // 16 + 2 * other + 4 * fp32)
+    # CPU: the experts' scales and biases are float32 (the packed weights stay 4-bit): 4/64 more per weight
+    assert plan_memory(q4, 1024, memory_bytes=GiB, backend="cpu").weights == (
+        quantized * 9 // 16 + experts * 4 // 64 + routers * 17 // 16 + 2 * other + 4 * fp32)
+
+
+def test_released_bf16_model_on_cpu_does_not_fit_128_gib():
+    """The issue's case: the bf16 release planned for a 128 GiB machine. A GPU holds ~92 GiB; the
+    CPU backend holds the experts in float32, ~180 GiB, so the plan must refuse it there."""
+    gpu = plan_memory(REAL, 4096, memory_bytes=128 * GiB, backend="gpu")
+    cpu = plan_memory(REAL, 4096, memory_bytes=128 * GiB, backend="cpu")
+    assert gpu.fits and 90 * GiB < gpu.weights < 95 * GiB
+    assert not cpu.fits and 170 * GiB < cpu.weights < 185 * GiB and "weights alone" in cpu.verdict()
+    assert "held on the CPU backend" in cpu.format() and "routed experts in float32" in cpu.format()
 
 
 def test_real_caches_by_hand():
@@ -151,6 +168,7 @@ def test_check_context_fits_refuses_with_the_plan():
     assert check_context_fits(args, 1 << 20, kv_bits=8, memory_bytes=128 * GiB).fits
     with pytest.raises(ContextDoesNotFit) as err:
         check_context_fits(args, 1 << 20, kv_bits=8, memory_bytes=16 * GiB)
+    assert "ignore-memory-plan" in str(err.value)  # the refusal names the way past it
     message = str(err.value)
     assert "latent cache" in message and "does not fit" in message and "1,048,576" in message
 
@@ -165,7 +183,7 @@ def test_default_prefill_step_is_generations():
 
 def test_folder_with_only_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(REAL))
-    plan = plan_for_path(tmp_path, 131072, memory_bytes=128 * GiB)
+    plan = plan_for_path(tmp_path, 131072, memory_bytes=128 * GiB, backend="gpu")
     assert plan.fits and plan.on_disk is None and "on disk" not in plan.format()
     tiny = write_checkpoint(tmp_path / "tiny")
     plan = plan_for_path(tiny, 64, memory_bytes=GiB)
@@ -187,10 +205,68 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_cli_plan(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(REAL))
     run = lambda *a: CliRunner().invoke(app, ["plan", "--model", str(tmp_path), *a])  # noqa: E731
-    ok = run("--context", "131072", "--memory-gb", "128")
+    ok = run("--context", "131072", "--memory-gb", "128", "--backend", "gpu")
     assert ok.exit_code == 0, ok.output
     assert "latent cache" in ok.output and "fits:" in ok.output
+    cpu = run("--context", "131072", "--memory-gb", "128", "--backend", "cpu")
+    assert cpu.exit_code == 1 and "weights alone" in cpu.output
     small = run("--context", "131072", "--memory-gb", "64", "--kv-bits", "8")
     assert small.exit_code == 1 and "does not fit" in small.output and "weights alone" in small.output
     too_long = run("--context", "2000000", "--memory-gb", "128")
     assert too_long.exit_code == 2 and "maximum of 1,048,576" in too_long.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--memory-gb", "-3"], "--memory-gb -3"), (["--memory-gb", "0"], "--memory-gb 0"),
+    (["--memory-gb", "nan"], "--memory-gb nan"), (["--context", "0"], "context 0"),
+    (["--context", "-5"], "context -5"), (["--batch", "0"], "batch 0"), (["--kv-bits", "6"], "--kv-bits 6"),
+    (["--prefill-step", "0"], "prefill step 0"), (["--backend", "tpu"], "--backend tpu"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_plan_impossible_options_are_one_line_exit_2(options, message):
+    args = ["plan", "--model", "demo", *(["--context", "100"] if "--context" not in options else []), *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+# ---- the plan counts what the loaded model holds, per backend
+
+def _quantized_tiny(folder: Path) -> Path:
+    """The tiny model in bfloat16 with 4-bit g32 experts and attention (mlx-lm's rule), written as a
+    checkpoint: packed uint32 weights, bf16 scales and biases."""
+    config = {**TINY_CONFIG, "dtype": "bfloat16", "quantization": {"group_size": 32, "bits": 4}}
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights([(n, p if n.endswith(FP32_PARAMS) else p.astype(mx.bfloat16))
+                        for n, p in tree_flatten(model.parameters())])
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+    return write_checkpoint(folder, config, dict(tree_flatten(model.parameters())))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("checkpoint", ["demo", "tiny-float32", "tiny-bf16-4bit"])
+def test_plan_weights_are_the_loaded_models_bytes(tmp_path, monkeypatch, checkpoint, backend):
+    """plan_for_path's weights == the sum of the parameters' nbytes after load_model, on each
+    backend's rule. The GPU rule is loaded here on the CPU by telling the loader it is not the CPU
+    backend (only which dtype each tensor is held in changes; no compute runs)."""
+    from kimi_mlx import dtypes
+    from kimi_mlx.loading import demo_model_path, load_model
+
+    folder = {"demo": demo_model_path, "tiny-float32": lambda: write_checkpoint(tmp_path / "tiny"),
+              "tiny-bf16-4bit": lambda: _quantized_tiny(tmp_path / "q")}[checkpoint]()
+    real = dtypes.experts_fp32
+    monkeypatch.setattr(dtypes, "experts_fp32", lambda cpu=None: (backend == "cpu") if cpu is None else real(cpu))
+    held = sum(p.nbytes for _, p in tree_flatten(load_model(folder).parameters()))
+    plan = plan_for_path(folder, 100, memory_bytes=GiB, backend=backend)
+    assert plan.weights == held
+    if checkpoint != "tiny-float32":  # config.json names the dtype: the config alone counts the same
+        config = json.loads((folder / "config.json").read_text())
+        assert plan_memory(config, 100, memory_bytes=GiB, backend=backend).weights == held
+
+
+def test_demo_plan_on_cpu_counts_the_float32_experts():
+    """The issue's figures: the demo holds 7.1 MiB on the CPU backend (the plan said 4.5 MiB)."""
+    cpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="cpu")
+    gpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="gpu")
+    assert round(cpu.weights / 2**20, 1) == 7.1 and round(gpu.weights / 2**20, 1) == 4.5
