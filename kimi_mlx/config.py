@@ -97,6 +97,7 @@ class ModelArgs:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise fail(f"{name} {value} is outside the vocabulary 0..{self.vocab_size - 1}")
+        _check_quantization(self.quantization, fail)
         lac = self.linear_attn_config
         for key in ("num_heads", "head_dim", "kda_layers"):
             if key not in lac:
@@ -179,6 +180,27 @@ def _check_types(config: dict, source: str) -> None:
         if not ok:
             raise ModelFormatError(f"{source}: {f.name} is {value!r} ({type(value).__name__}), expected {kind}; "
                                    "fix config.json or download the model again")
+
+
+def _check_quantization(q, fail) -> None:
+    """The quantization block's own fields (group_size, bits: whole numbers >= 1; mode: text), at the
+    top and in each per-module entry ("model.layers.0.mlp.gate": {...} or false). Other keys (a
+    Hugging Face quantization_config's quant_method, ...) are not ours to judge."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise fail(f"quantization is {q!r}, expected an object")
+    entries = [("quantization", q)] + [(f"quantization[{k!r}]", v) for k, v in q.items() if "." in k]
+    for where, entry in entries:
+        if isinstance(entry, bool):
+            continue
+        if not isinstance(entry, dict):
+            raise fail(f"{where} is {entry!r}, expected an object or false")
+        for key in ("group_size", "bits"):
+            if key in entry and not (_is_int(entry[key]) and entry[key] >= 1):
+                raise fail(f"{where}.{key} is {entry[key]!r}, must be a whole number >= 1")
+        if "mode" in entry and not isinstance(entry["mode"], str):
+            raise fail(f"{where}.mode is {entry['mode']!r}, expected text")
 
 
 def read_config(path: str | Path) -> dict:

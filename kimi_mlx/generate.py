@@ -252,6 +252,8 @@ def stream_generate(
     from tokenizer.encode(text, allow_special=True) to send control tokens.
     """
     check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, prefill_step)
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise KimiError(f"stop must be a list of strings, not {stop!r}")
     if prompt_cache is not None:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             raise KimiError("a prompt cache continues with text or token ids, not chat messages")

@@ -171,11 +171,14 @@ def test_a_prompt_file_that_is_not_utf8_is_one_line_naming_it(folder, tmp_path, 
     assert str(bad) in err and "not UTF-8" in err and "0xe9 at offset 3" in err
 
 
-def test_a_prompt_argument_that_is_not_utf8_is_one_line(folder):  # noqa: F811
-    proc = subprocess.run([sys.executable, "-m", "kimi_mlx.cli", "generate", "--model", str(folder), "-p", b"caf\xe9"],
+@pytest.mark.parametrize("flag", ["-p", "--system"])
+def test_a_text_argument_that_is_not_utf8_is_one_line(folder, flag):  # noqa: F811
+    args = [flag, b"caf\xe9"] + (["-p", "hi"] if flag == "--system" else [])
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--model", str(folder), *args],
                           capture_output=True, cwd=ROOT, env=ENV, timeout=120)
     err = proc.stderr.decode().strip()
-    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "--prompt is not valid UTF-8" in err, err
+    name = "--prompt" if flag == "-p" else flag
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and f"{name} is not valid UTF-8" in err, err
 
 
 def test_cli_generate_shows_prefill_progress_for_long_prompts_only(folder, tmp_path):  # noqa: F811

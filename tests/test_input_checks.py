@@ -174,6 +174,11 @@ BAD_CONFIGS = [
     ("layer names", setter("kda_layers", ["1"], inner=True), "kda_layers is ['1']"),
     ("both kinds", setter("full_attn_layers", [1, 2], inner=True), "are in both kda_layers and full_attn_layers"),
     ("bos", setter("bos_token_id", 512), "bos_token_id 512 is outside the vocabulary"),
+    ("quant bits", setter("quantization", {"group_size": 64, "bits": "4"}), "quantization.bits is '4'"),
+    ("quant group", setter("quantization", {"group_size": 0, "bits": 4}), "quantization.group_size is 0"),
+    ("quant entry", setter("quantization", {"bits": 4, "model.layers.0.mlp.gate": 8}),
+     "quantization['model.layers.0.mlp.gate'] is 8"),
+    ("quant list", setter("quantization", [4]), "quantization is [4] (list), expected dict"),
 ]
 
 
@@ -186,6 +191,14 @@ def test_bad_config_values_are_one_line_naming_the_file(folder, tmp_path, change
     assert "\n" not in str(err.value)
     result = CliRunner().invoke(app, ["generate", "--model", str(copy), "-p", "hi"])
     one_line_exit_2(result, "config.json", message)
+
+
+def test_stop_must_be_a_list_of_strings(loaded):
+    model, tok = loaded
+    for stop in ("ab", [1], ["a", None]):
+        with pytest.raises(KimiError, match="stop must be a list of strings"):
+            generate(model, tok, "hi", max_tokens=2, stop=stop)
+    generate(model, tok, "hi", max_tokens=2, stop=["a", ""])  # an empty stop string is ignored
 
 
 def test_the_released_config_is_valid():
