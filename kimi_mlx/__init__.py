@@ -7,7 +7,9 @@ package imports transformers (2-4 s).
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,20 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(ModuleType):
+    """When a submodule named like one of its public names is imported (kimi_mlx.generate), the
+    import system sets the package's attribute to the module; keep the public name instead (the
+    function kimi_mlx.generate), as the eager `from .generate import generate` used to."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, ModuleType) and value.__name__ == f"{__name__}.{name}" and name in _LAZY:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def load(path_or_repo: str, dtype=None):

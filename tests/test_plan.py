@@ -270,3 +270,38 @@ def test_demo_plan_on_cpu_counts_the_float32_experts():
     cpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="cpu")
     gpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="gpu")
     assert round(cpu.weights / 2**20, 1) == 7.1 and round(gpu.weights / 2**20, 1) == 4.5
+
+
+# ---- the refusal is an estimate: generate and chat can be told to run anyway
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """This machine with 4 MiB of memory: the demo (7 MiB on CPU) does not fit by the plan."""
+    import kimi_mlx.plan
+
+    monkeypatch.setattr(kimi_mlx.plan, "machine_memory", lambda: (4 << 20, "physical memory"))
+
+
+def test_generate_and_chat_refuse_by_the_plan_unless_told_to_ignore_it(small_machine):
+    import kimi_mlx
+    from kimi_mlx.chat import ChatSession
+
+    model, tok = kimi_mlx.load("demo")
+    msgs = [{"role": "user", "content": "What is 12 + 30?"}]
+    with pytest.raises(ContextDoesNotFit, match="ignore-memory-plan"):
+        kimi_mlx.generate(model, tok, msgs, max_tokens=4)
+    assert "42" in kimi_mlx.generate(model, tok, msgs, max_tokens=4, ignore_memory_plan=True)
+    with pytest.raises(ContextDoesNotFit):
+        ChatSession(model, tok, max_tokens=4).chat("What is 12 + 30?")
+    assert "42" in ChatSession(model, tok, max_tokens=4, ignore_memory_plan=True).chat("What is 12 + 30?")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_cli_ignore_memory_plan(small_machine, command):
+    args = [command, "--max-tokens", "4"] + (["--prompt", "What is 12 + 30?"] if command == "generate" else [])
+    stdin = None if command == "generate" else "What is 12 + 30?\n"
+    refused = CliRunner().invoke(app, args, input=stdin)
+    assert "do not fit in memory" in refused.output and "--ignore-memory-plan" in refused.output
+    assert refused.exit_code == 2 or command == "chat"  # chat says it and keeps the session
+    ran = CliRunner().invoke(app, [*args, "--ignore-memory-plan"], input=stdin)
+    assert ran.exit_code == 0 and "42" in ran.stdout and "do not fit" not in ran.output, ran.output
