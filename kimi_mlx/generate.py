@@ -10,6 +10,7 @@ import math
 import numbers
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,7 +19,16 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import KimiError
 
-DEFAULT_PREFILL_STEP = 512
+def prefill_step_for(device: mx.Device) -> int:
+    """Tokens per prefill step on `device`: 512 on the CPU (measured with bench/bench_model.py;
+    memory stays small), 2048 on a GPU, as mlx-lm: a step's fixed costs (host graph, one eval,
+    gather matmuls of 8 x step (token, expert) rows over 256 experts) are spread over 4x the
+    tokens, and its activations are a few hundred MB at the real size."""
+    return 512 if device == mx.cpu else 2048
+
+
+DEFAULT_PREFILL_STEP = prefill_step_for(mx.default_device())
+CACHE_CLEAR_EVERY = 256  # decode steps between mx.clear_cache() calls (as mlx-lm): returns freed buffers
 PROGRESS_MIN_TOKENS = 4 * DEFAULT_PREFILL_STEP  # the CLI shows a prefill bar on stderr from this many prompt ids
 
 
@@ -57,8 +67,11 @@ def prefill_all(model, tokens, cache, step: int = DEFAULT_PREFILL_STEP, progress
         bar = tqdm(total=T, unit="tok", desc="prefill", file=sys.stderr, dynamic_ncols=True)
     for start in range(0, T, step):
         end = min(start + step, T)
-        logits = model(tokens[None, start:end], cache=cache, last_only=True)  # one row of lm_head
-        mx.eval(logits, [c.state for c in cache])  # bound memory: materialise this step's states
+        # The layers only (no final norm, no lm_head row): evaluating the caches' states computes
+        # exactly what later steps need, nothing else (not even the last layer's MLP).
+        model.model(tokens[None, start:end], cache)
+        mx.eval([c.state for c in cache])  # bound memory: materialise this step's states
+        mx.clear_cache()  # the step's freed buffers go back (as mlx-lm): memory of one step
         if bar is not None:
             bar.update(end - start)
     if bar is not None:
@@ -157,19 +170,47 @@ def generate_tokens(
             history = mx.concatenate([history, token])
         return token, logprobs[0, token[0]]
 
-    token, logprob = sample(prefill(model, prompt, cache, prefill_step, progress))
-    mx.async_eval(token, logprob)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_token, next_logprob = sample(model(token[None], cache=cache)[0, -1])
-            mx.async_eval(next_token, next_logprob)
-        value = logprob.item()
-        if math.isnan(value):
-            raise KimiError(f"the model's logits became NaN at generated token {n + 1}; the weights or a "
-                            "kernel are broken here (kimi-mlx doctor checks the kernels; try KIMI_MLX_KDA_PATH=naive)")
-        yield token.item(), value
-        if n + 1 < max_tokens:
-            token, logprob = next_token, next_logprob
+    with generation_context():
+        token, logprob = sample(prefill(model, prompt, cache, prefill_step, progress))
+        mx.async_eval(token, logprob)
+        for n in range(max_tokens):
+            if n + 1 < max_tokens:
+                next_token, next_logprob = sample(model(token[None], cache=cache)[0, -1])
+                mx.async_eval(next_token, next_logprob)
+            value = logprob.item()
+            if math.isnan(value):
+                raise KimiError(f"the model's logits became NaN at generated token {n + 1}; the weights or a kernel "
+                                "are broken here (kimi-mlx doctor checks the kernels; try KIMI_MLX_KDA_PATH=naive)")
+            yield token.item(), value
+            if n % CACHE_CLEAR_EVERY == CACHE_CLEAR_EVERY - 1:
+                mx.clear_cache()
+            if n + 1 < max_tokens:
+                token, logprob = next_token, next_logprob
+
+
+_streams: dict[str, mx.Stream] = {}
+
+
+@contextmanager
+def generation_context():
+    """Around a generation, what mlx-lm's generate does, on every backend: the work runs on a
+    stream of its own (one per device, made on first use), and on Metal the wired-memory limit is
+    raised to the GPU's recommended working set for the duration (so macOS keeps the weights
+    resident), then restored once the stream's work is done. Other backends have no wired limit."""
+    device = mx.default_device()
+    if str(device) not in _streams:
+        _streams[str(device)] = mx.new_thread_local_stream(device)
+    stream = _streams[str(device)]
+    old_limit = None
+    if mx.metal.is_available():
+        old_limit = mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+    try:
+        with mx.stream(stream):
+            yield
+    finally:
+        if old_limit is not None:
+            mx.synchronize(stream)
+            mx.set_wired_limit(old_limit)
 
 
 def _find_stop(text: str, stop: list[str], start: int) -> int | None:
@@ -268,6 +309,7 @@ def stream_generate(
     check_context(model, len(ids), max_tokens, bits, used=used, ignore_memory_plan=ignore_memory_plan)
     if seed is not None:
         mx.random.seed(seed)
+    top_k = 0 if top_k >= model.args.vocab_size else top_k  # keeps every token: off (mlx-lm refuses it)
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
     reply = ReplyText(tokenizer, max_tokens, stop)

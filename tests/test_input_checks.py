@@ -94,6 +94,12 @@ def test_cli_refuses_bad_sampling_options_in_one_line(folder, name, value, flag)
     one_line_exit_2(result, flag)
 
 
+@pytest.mark.parametrize("top_k", [511, 512, 10**6])
+def test_top_k_up_to_past_the_vocabulary_is_accepted(loaded, top_k):
+    model, tok = loaded
+    assert len(list(stream_generate(model, tok, "hi", max_tokens=2, temperature=1.0, top_k=top_k))) == 2
+
+
 def test_edge_values_are_accepted():
     # 0 = off/greedy is the existing convention (mlx-lm's make_sampler) and stays valid
     check_sampling(1, temperature=0, top_p=0, top_k=0, min_p=0, repetition_penalty=None)
