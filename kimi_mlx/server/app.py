@@ -401,6 +401,11 @@ class Server:
                 if ev is None:
                     yield ": keep-alive\n\n"
                     continue
+                if req.top_logprobs is None:  # a client that fell behind gets the tokens so far in one chunk
+                    while ev.finish_reason is None and not queue.empty():
+                        nxt = queue.get_nowait()
+                        nxt.text = ev.text + nxt.text
+                        ev = nxt
                 last = ev
                 if first:
                     first = False

@@ -270,17 +270,22 @@ class Engine:
         """logits [B, V] -> per row (token, (logprob, top [(id, logprob)] | None))."""
         logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [B, V]
-        greedy = mx.argmax(logprobs, axis=-1)  # [B]: one op for every greedy row
-        toks = [greedy[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1]) for i, r in enumerate(reqs)]
-        tokens = mx.concatenate(toks).astype(mx.int32)  # [B]
-        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+        tokens = mx.argmax(logprobs, axis=-1)  # [B]: one op for every greedy row
+        if not all(r.sampler.greedy for r in reqs):
+            tokens = mx.concatenate([tokens[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1])
+                                     for i, r in enumerate(reqs)])
+        tokens = tokens.astype(mx.int32)
+        wanted = [tokens]
+        if any(r.top_logprobs is not None for r in reqs):
+            wanted.append(mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0])  # [B] chosen
         k = max((r.top_logprobs or 0) for r in reqs)
         top = None
         if k > 0:
             top_ids = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]  # [B, k]
             top = (top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1))
-        mx.eval(tokens, chosen, *(top or ()))
-        tokens_l, chosen_l = tokens.tolist(), chosen.tolist()
+        mx.eval(*wanted, *(top or ()))
+        tokens_l = tokens.tolist()
+        chosen_l = wanted[1].tolist() if len(wanted) > 1 else [None] * len(reqs)
         out = []
         for i, r in enumerate(reqs):
             top_i = None
