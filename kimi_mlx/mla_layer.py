@@ -57,18 +57,44 @@ class MLAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: LatentCache | None = None):
         """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None."""
+        q, latent = self.project(x)
+        if cache is None:
+            cache = LatentCache()  # this call's own tokens only
+        return self.output(self.attend(q, latent, cache, mask), x.dtype, self.absorbs(q.shape[2]))
+
+    # The three pieces of a call (kimi_mlx.decode compiles the first and the last: their shapes
+    # are fixed at decode, while the attention's key count grows every token).
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x [B, T, hidden] -> (q [B, H, T, Dn+Dr], latent [B, T, R+Dr] to cache)."""
         B, T, _ = x.shape
         R = self.rank
         q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, Dn+Dr]
         kv = self.kv_a_proj_with_mqa(x)  # [B, T, R+Dr]
         latent = mx.concatenate([self.kv_a_layernorm(kv[..., :R]), kv[..., R:]], axis=-1)
-        if cache is None:
-            cache = LatentCache()  # this call's own tokens only
+        return q, latent
+
+    @staticmethod
+    def absorbs(T: int) -> bool:
+        """Whether a step of T queries uses the absorbed form (else the expanded one)."""
+        return T <= ABSORB_MAX_QUERIES
+
+    def attend(self, q: mx.array, latent: mx.array, cache: LatentCache, mask: mx.array | None = None) -> mx.array:
+        """Append latent to the cache, attend over it: -> o [B, H, T, R] (absorbed form: still in
+        the latent space) or [B, H, T, Dv] (expanded), float32; `output` finishes it."""
+        B, H, T, _ = q.shape
         offset = cache.offset
         cache.update(latent, mask)  # the step attends to its own tokens as cached (maybe quantized)
-        blocks = _key_blocks(cache.segments(), _block_size(B * self.num_heads * T))
-        attend = self._absorbed if T <= ABSORB_MAX_QUERIES else self._expanded
-        o = attend(q, cache).attend(blocks, offset, cache.keys_valid)  # [B, H, T, Dv]
+        blocks = _key_blocks(cache.segments(), _block_size(B * H * T))
+        form = self._absorbed if self.absorbs(T) else self._expanded
+        return form(q, cache).attend(blocks, offset, cache.keys_valid)
+
+    def output(self, o: mx.array, dtype: mx.Dtype, absorbed: bool) -> mx.array:
+        """o from `attend` -> [B, T, hidden]: W_v (absorbed form only), then o_proj."""
+        B, H, T, _ = o.shape
+        o = o.astype(dtype)
+        if absorbed:  # values still in the latent space
+            o = self.unembed_out(o)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
     def _absorbed(self, q: mx.array, cache: LatentCache) -> "_Attention":
@@ -95,7 +121,7 @@ class MLAttention(nn.Module):
                 pv = lambda p: p.astype(lat.dtype) @ lat[..., :R]  # noqa: E731 (values = first R columns)
             return s.reshape(B, H, T, -1), lambda p: pv(p.reshape(B, H * T, -1)).reshape(B, H, T, R)
 
-        return _Attention(block, (B, H, T), lambda o: self.unembed_out(o.astype(q.dtype)))
+        return _Attention(block, (B, H, T))
 
     def _expanded(self, q: mx.array, cache: LatentCache) -> "_Attention":
         """Per-head keys and values of one key block at a time, then regular attention."""
@@ -110,19 +136,19 @@ class MLAttention(nn.Module):
             v = self.unembed_out(lat[..., :R])  # [B, H, n, Dv]
             return q @ k.swapaxes(-1, -2), lambda p: p.astype(v.dtype) @ v
 
-        return _Attention(block, (B, H, T), lambda o: o.astype(q.dtype))
+        return _Attention(block, (B, H, T))
 
 
 class _Attention:
     """softmax(scores) @ values over key blocks, one block at a time (online softmax, fp32).
 
-    block(arrays) -> (scores [B, H, T, n] scaled, pv(p) -> p @ V [B, H, T, D]); finish maps the
-    normalised fp32 output to the layer's [B, H, T, Dv]. Query i sits at position offset + i and
-    sees the keys at positions <= its own that are valid (keys_valid [B, S], False = left padding).
+    block(arrays) -> (scores [B, H, T, n] scaled, pv(p) -> p @ V [B, H, T, D]); `attend` returns
+    the normalised fp32 output [B, H, T, D]. Query i sits at position offset + i and sees the keys
+    at positions <= its own that are valid (keys_valid [B, S], False = left padding).
     """
 
-    def __init__(self, block, shape, finish):
-        self.block, self.shape, self.finish = block, shape, finish
+    def __init__(self, block, shape):
+        self.block, self.shape = block, shape
 
     def attend(self, blocks, offset: int, keys_valid: mx.array | None) -> mx.array:
         T = self.shape[2]
@@ -151,11 +177,14 @@ class _Attention:
                 l = l * correction + p.sum(axis=-1, keepdims=True)
                 acc = acc * correction + pv(p).astype(mx.float32)
                 m = m_new
-            if len(blocks) > 1:
-                # Lazy graphs would hold every block's scores at once; evaluating the running
-                # softmax state makes the blocks run one after another (memory of one block).
+            if len(blocks) > 1 and T > 1:
+                # A prefill step's lazy graph would hold every block's scores at once ([B, H, T,
+                # block] each); evaluating the running softmax state makes the blocks run one
+                # after another (memory of one block). Decode (one query) never syncs here: its
+                # scores are 4 bytes per head and key (128 MB at 1M keys), and a host sync per
+                # page, layer and token would stall the GPU.
                 mx.eval(m, l, acc)
-        return self.finish(acc / l)
+        return acc / l  # [B, H, T, D] float32
 
 
 def _block_size(rows: int) -> int:

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from .cache import KDACache, LatentCache, make_cache
 from .config import ModelArgs
 from .dtypes import FP32_PARAMS  # noqa: F401 (imported from here by others)
+from .decode import decode_layer
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import MLAttention
 from .moe import MLP, SparseMoE
@@ -31,6 +32,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache) -> mx.array:
+        if x.shape[1] == 1 and mask is None and cache is not None:
+            h = decode_layer(self, x, cache)  # a compiled step (kimi_mlx/decode.py), or None
+            if h is not None:
+                return h
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 

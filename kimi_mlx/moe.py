@@ -30,8 +30,12 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@mx.compile
 def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
-    """logits: [..., E] -> (expert ids [..., k] int, weights [..., k] fp32)."""
+    """logits: [..., E] -> (expert ids [..., k] int, weights [..., k] fp32).
+
+    Compiled (the ints are trace constants): the elementwise steps fuse, ~10 kernels fewer per
+    MoE layer and token."""
     scores = mx.sigmoid(logits.astype(mx.float32))  # [..., E]
     choice = scores + bias.astype(mx.float32)
     ids = mx.stop_gradient(mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k])

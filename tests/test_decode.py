@@ -1,0 +1,92 @@
+"""The compiled decode step (kimi_mlx/decode.py) against the eager model on the naive recurrence.
+
+The truth for every decode step is the eager layer code with KDA on `kda_naive` (one token at a
+time, fp32 state). Awkward sizes: a prompt of 37 tokens (not a multiple of the 64-token chunk),
+a first token on a fresh cache (T = 1 prompt), batch 2, KDA head dims 32 and 128.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import pytest
+from tiny import TINY_CONFIG, random_weights
+
+from kimi_mlx import Model, ModelArgs
+from kimi_mlx.decode import get_decode_path, set_decode_path
+from kimi_mlx.kda import set_kda_path
+
+TOL = 1e-4  # fp32 weights and activations: relative error of logits, ||out - ref|| / ||ref||
+
+
+def _model(head_dim: int) -> Model:
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["linear_attn_config"]["head_dim"] = head_dim
+    model = Model(ModelArgs.from_dict(cfg))
+    model.load_weights(list(random_weights(cfg, seed=head_dim).items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _decode(model, prompt: mx.array, steps: int, path: str, kda: str | None) -> list[mx.array]:
+    """Logits of `steps` greedy decode steps after prefilling prompt [B, T] (the prompt eagerly)."""
+    set_kda_path(kda)
+    try:
+        cache = model.make_cache()
+        set_decode_path(path)  # a prompt of one token is itself a decode step, on a fresh cache
+        logits = model(prompt, cache=cache)[:, -1:]
+        out = []
+        for _ in range(steps):
+            token = mx.argmax(logits[:, -1], axis=-1)[:, None]  # [B, 1]
+            logits = model(token, cache=cache)
+            out.append(logits.astype(mx.float32))
+        mx.eval(out)
+        assert all(c.offset == prompt.shape[1] + steps for c in cache)
+        return out
+    finally:
+        set_decode_path(None)
+        set_kda_path(None)
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    return (mx.linalg.norm((a - b).flatten()) / mx.linalg.norm(b.flatten())).item()
+
+
+@pytest.mark.parametrize("head_dim, batch, prompt_len", [(32, 2, 37), (128, 1, 37), (32, 1, 1)])
+def test_compiled_decode_matches_naive_recurrence(head_dim, batch, prompt_len):
+    model = _model(head_dim)
+    prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (batch, prompt_len), key=mx.random.key(prompt_len))
+    ref = _decode(model, prompt, 4, "eager", "naive")
+    for kda in (None, "naive"):  # auto's decode path (mx_fast on the CPU) and the recurrence itself
+        out = _decode(model, prompt, 4, "compiled", kda)
+        for step, (o, r) in enumerate(zip(out, ref)):
+            err = _rel(o, r)
+            assert err < TOL, f"step {step}, KDA path {kda or 'auto'}: relative error {err:.2e}"
+    # Each layer was traced once per KDA path (the switch is part of the trace key), not per call.
+    fns = model.layers[1].__dict__["_decode_fns"]
+    assert len(fns) == 2 and all(f is not None for f in fns.values())
+
+
+def test_compiled_decode_sees_new_weights():
+    """The layers' parameters are inputs of the trace, not constants baked into it."""
+    model = _model(32)
+    prompt = mx.array([[5, 6, 7]])
+    before = _decode(model, prompt, 1, "compiled", None)[0]
+    layer = model.layers[1]
+    layer.post_attention_layernorm.weight = 2 * layer.post_attention_layernorm.weight
+    after = _decode(model, prompt, 1, "compiled", None)[0]
+    eager = _decode(model, prompt, 1, "eager", None)[0]
+    assert _rel(after, before) > 1e-3
+    assert _rel(after, eager) < TOL
+
+
+def test_decode_switch(monkeypatch):
+    assert get_decode_path() == "eager"  # auto on the CPU
+    monkeypatch.setenv("KIMI_MLX_DECODE", "compiled")
+    assert get_decode_path() == "compiled"
+    monkeypatch.setenv("KIMI_MLX_DECODE", "fast")
+    with pytest.raises(Exception, match="KIMI_MLX_DECODE"):
+        get_decode_path()
+    with pytest.raises(Exception, match="valid: compiled, eager"):
+        set_decode_path("jit")
