@@ -5,6 +5,7 @@ User errors (KimiError) become one line on stderr and a non-zero exit code here,
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -27,6 +28,9 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(141) from None
 
 
 @app.command()

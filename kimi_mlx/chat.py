@@ -385,6 +385,11 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
         except KeyboardInterrupt:
             term.write("\n")
             return 0
+        except BrokenPipeError:
+            raise  # the terminal went away: nothing to keep the session for (the CLI exits quietly)
+        except OSError as e:  # stdin unreadable: say so and end, the conversation cannot go on
+            term.note(f"error: cannot read the input ({e.strerror or e})")
+            return 1
         if line is None:
             term.write("\n")
             return 0
@@ -400,6 +405,8 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
                 _stream_reply(session, term, session.send(line[1:] if line.startswith("//") else line))
         except KimiError as e:
             term.note(f"error: {e}")
+        except BrokenPipeError:
+            raise  # the reader of the replies went away: end (the CLI exits quietly)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             term.note(f"error: {where}{e.strerror or e}")

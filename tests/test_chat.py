@@ -65,10 +65,15 @@ class EndsOn:
 
 
 class Recorder:
-    """The model, recording the length of every input it is fed."""
+    """The model, recording the length of every input it is fed (also through `.model`, the
+    layers alone, which prefill feeds without the lm_head)."""
 
-    def __init__(self, model):
-        self._model, self.fed = model, []
+    def __init__(self, model, fed=None):
+        self._model, self.fed = model, [] if fed is None else fed
+
+    @property
+    def model(self):
+        return Recorder(self._model.model, self.fed)
 
     def __call__(self, inputs, *args, **kwargs):
         self.fed.append(inputs.shape[1])

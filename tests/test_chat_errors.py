@@ -188,3 +188,14 @@ def test_cli_generate_shows_prefill_progress_for_long_prompts_only(folder, tmp_p
     assert result.exit_code == 0 and "prefill" in result.stderr and "100%" in result.stderr, result.output
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "-p", "short", "-n", "1"])
     assert result.exit_code == 0 and "prefill" not in result.stderr, result.output
+
+
+@pytest.mark.parametrize("command", ["generate -p hi -n 200", "chat -n 50"])
+def test_a_reader_that_goes_away_is_a_quiet_exit(folder, command):  # noqa: F811
+    # `| head -c 1`: the pipe closes after the first byte; the tool stops without a traceback
+    script = (f"yes hello | head -n 200 | {sys.executable} {ROOT / 'cli.py'} {command} --model {folder} "
+              f"2>&1 >/dev/stdout | head -c 1 >/dev/null; exit ${{PIPESTATUS[2]}}")
+    proc = subprocess.run(["bash", "-c", script.replace("2>&1 >/dev/stdout", "2>err.txt")], capture_output=True,
+                          cwd=folder, env=ENV, timeout=120)
+    err = [line for line in (folder / "err.txt").read_text().splitlines() if "context 1048576 tokens" not in line]
+    assert proc.returncode == 141 and err == [], err  # nothing but chat's opening line
