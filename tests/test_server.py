@@ -44,9 +44,10 @@ def free_port() -> int:
 class LiveServer:
     """A server in a thread: engine + app + uvicorn on a free port."""
 
-    def __init__(self, model, tokenizer, api_key=None, **engine_kw):
+    def __init__(self, model, tokenizer, api_key=None, keepalive_s=5.0, **engine_kw):
         self.engine = make_engine(model, tokenizer, model_name="demo", **engine_kw)
-        self.app = build_app(self.engine, ServerConfig(model_name="demo", api_key=api_key, default_max_tokens=64))
+        self.app = build_app(self.engine, ServerConfig(model_name="demo", api_key=api_key, default_max_tokens=64,
+                                                       keepalive_s=keepalive_s))
         self.port = free_port()
         self.server = make_uvicorn(self.engine, self.app, "127.0.0.1", self.port, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -197,6 +198,24 @@ def test_queue_full_is_429(demo):
         with pytest.raises(openai.RateLimitError):
             c.chat.completions.create(model="demo", messages=CHATS[1], max_tokens=4)
         first.close()
+    finally:
+        s.close()
+
+
+def test_keepalive_comments_while_waiting_then_the_stream(demo):
+    """While a request waits (here: the engine held still; in use: a long prefill) the SSE
+    stream sends comment lines; once the engine turns, the tokens follow."""
+    s = LiveServer(*demo, keepalive_s=0.05, state_cache_mb=0)
+    s.engine.stop(drain=False)
+    s.engine.stopping = False
+    try:
+        body = json.dumps({"prompt": "1+1=", "max_tokens": 3, "stream": True}).encode()
+        with urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=body), timeout=30) as r:
+            first = r.readline() + r.readline()
+            assert first == b": keep-alive\n\n"
+            s.engine.start()
+            rest = r.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
     finally:
         s.close()
 

@@ -213,7 +213,8 @@ class Server:
                 raise APIError(400, f"the request body is not valid JSON ({e})") from None
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object")
-            req, stream, include_usage, tools = self._build(body, chat)
+            # tokenizing a long prompt takes a while: off the event loop, so other streams flow
+            req, stream, include_usage, tools = await asyncio.to_thread(self._build, body, chat)
         except APIError as e:
             self.metrics.request(endpoint, e.status)
             return e.response()
@@ -272,6 +273,7 @@ class Server:
                     ids = list(prompt)
                 else:
                     raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+                boundaries = [len(ids)]  # a prompt that a later one extends (few-shot, agents) is reused
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
             limit = getattr(self.engine.model.args, "model_max_length", None)
@@ -283,7 +285,7 @@ class Server:
         except KimiError as e:
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
         req = Request(ids=ids, max_tokens=max_tokens, sampling=sampling, stop=stop, top_logprobs=top_logprobs,
-                      snapshot_at=boundaries, snapshot_reply=chat, ignore_eos=ignore_eos)
+                      snapshot_at=boundaries, ignore_eos=ignore_eos)
         return req, stream, include_usage, tools
 
     def _boundaries(self, messages: list[dict], tools, ids: list[int]) -> list[int]:
