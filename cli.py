@@ -110,12 +110,13 @@ def cache_prompt(
     raw: bool = typer.Option(False, "--raw", help="Cache the text as is, without the chat template"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help=KV_BITS_HELP),
     prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Tokens per prefill step (default 512)"),
+    ignore_memory_plan: bool = typer.Option(False, "--ignore-memory-plan", help=IGNORE_PLAN_HELP),
 ):
     """Prefill a long prompt once and save the model state; generate/chat --prompt-cache continue it."""
     from kimi_mlx.cli_commands import run_cache_prompt
 
     _run(run_cache_prompt, model, prompt, prompt_file, out, system=system, raw=raw, kv_bits=kv_bits,
-         prefill_step=prefill_step)
+         prefill_step=prefill_step, ignore_memory_plan=ignore_memory_plan)
 
 
 @app.command()

@@ -82,7 +82,7 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
 
 
 def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, raw=False, kv_bits=None,
-                     prefill_step=None, progress=True, err=None):
+                     prefill_step=None, progress=True, err=None, ignore_memory_plan=False):
     """`kimi-mlx cache-prompt`: prefill the prompt once and save the caches to out_path."""
     import time
 
@@ -104,7 +104,7 @@ def run_cache_prompt(model_path, prompt, prompt_file, out_path, *, system=None, 
     t0 = time.perf_counter()
     cache = make_prompt_cache(model, tokenizer, text, system=system, raw=raw, kv_bits=kv_bits,
                               prefill_step=step, model_name=str(folder),
-                              progress=progress)
+                              progress=progress, ignore_memory_plan=ignore_memory_plan)
     seconds = time.perf_counter() - t0
     cache.save(out_path, model)
     size = Path(out_path).stat().st_size

@@ -231,8 +231,9 @@ class PromptCache:
 
 def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None, raw: bool = False,
                       kv_bits: int | None = None, prefill_step: int = 512, model_name: str = "this model",
-                      progress: bool = False) -> PromptCache:
-    """Prefill `text` once (chat form unless raw) into a fresh cache, in steps of prefill_step."""
+                      progress: bool = False, ignore_memory_plan: bool = False) -> PromptCache:
+    """Prefill `text` once (chat form unless raw) into a fresh cache, in steps of prefill_step.
+    ignore_memory_plan: run even when the memory plan (an estimate) says it does not fit."""
     from .generate import check_context, check_sampling, prefill_all
 
     check_sampling(prefill_step=prefill_step)
@@ -243,7 +244,7 @@ def make_prompt_cache(model, tokenizer, text: str, *, system: str | None = None,
         open_user_turn(tokenizer, text, system)[0])
     if not ids:
         raise KimiError("the prompt is empty: nothing to cache")
-    check_context(model, len(ids), 1, kv_bits)
+    check_context(model, len(ids), 1, kv_bits, ignore_memory_plan=ignore_memory_plan)
     cache = model.make_cache(kv_bits)
     prefill_all(model, ids, cache, prefill_step, progress=progress)
     return PromptCache(ids, cache, text, system, raw, model_name)

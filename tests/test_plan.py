@@ -305,3 +305,11 @@ def test_cli_ignore_memory_plan(small_machine, command):
     assert refused.exit_code == 2 or command == "chat"  # chat says it and keeps the session
     ran = CliRunner().invoke(app, [*args, "--ignore-memory-plan"], input=stdin)
     assert ran.exit_code == 0 and "42" in ran.stdout and "do not fit" not in ran.output, ran.output
+
+
+def test_cli_cache_prompt_ignore_memory_plan(small_machine, tmp_path):
+    args = ["cache-prompt", str(tmp_path / "p.safetensors"), "--prompt", "Remember: the key is 7."]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--ignore-memory-plan" in refused.output
+    ran = CliRunner().invoke(app, [*args, "--ignore-memory-plan"])
+    assert ran.exit_code == 0 and (tmp_path / "p.safetensors").exists(), ran.output
