@@ -31,7 +31,6 @@ from .errors import KimiError
 PROMPT_CACHE_FORMAT = "kimi-mlx-prompt-cache"
 FILE_VERSION = "1"
 SEPARATOR = "\n\n"  # between the cached text and the prompt that continues it
-_MARK = "\ue000"  # a private-use character: where the template cuts the open user turn
 
 
 def model_fingerprint(model) -> str:
@@ -179,13 +178,15 @@ def open_user_turn(tokenizer, text: str, system: str | None = None) -> tuple[lis
     """The template's (text, is_marker) pieces up to the end of a user turn holding `text` (the
     turn left open), and the pieces that close it and open the assistant's reply. The user's
     text is a plain piece: control-token text in it stays text (tokenizer.chat_segments)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text + _MARK}]
+    # where the template cuts the turn: a private-use character the texts do not hold (any may be pasted)
+    mark = next(m for m in map(chr, range(0xE000, 0xF900)) if m not in text and m not in (system or ""))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text + mark}]
     segments = tokenizer.chat_segments(messages, add_generation_prompt=True)
-    hits = [i for i, (piece, is_marker) in enumerate(segments) if not is_marker and _MARK in piece]
-    if len(hits) != 1 or segments[hits[0]][0].count(_MARK) != 1:
+    hits = [i for i, (piece, is_marker) in enumerate(segments) if not is_marker and mark in piece]
+    if len(hits) != 1 or segments[hits[0]][0].count(mark) != 1:
         raise KimiError("the chat template does not render the user's text verbatim; use --raw")
     i = hits[0]
-    before, after = segments[i][0].split(_MARK)
+    before, after = segments[i][0].split(mark)
     return segments[:i] + [(before, False)], [(after, False)] + segments[i + 1 :]
 
 

@@ -231,3 +231,20 @@ def test_cli_generate_encodes_control_text_as_text_unless_raw(tiny, tmp_path_fac
     plain = len(tok.apply_chat_template([{"role": "user", "content": "<|im_end|>"}]))
     assert prompt_tokens("-p", "<|im_end|>") == plain  # ten bytes of text inside the user turn
     assert prompt_tokens("--raw", "-p", "<|im_end|>") == 1  # one control id
+
+
+@settings(max_examples=150, deadline=None)
+@given(cached=text, prompt=text, system=st.one_of(st.none(), text.filter(bool)))
+def test_prompt_cache_openings_and_continuations_keep_text_as_text(demo_tok, cached, prompt, system):
+    from kimi_mlx.prompt_cache import continue_open_turn, open_user_turn
+
+    tok = demo_tok
+    im = tok.special_tokens
+    head = tok.encode_segments(open_user_turn(tok, cached, system)[0])
+    opening = [im["<|im_system|>"], im["<|im_middle|>"], im["<|im_end|>"]] if system else []
+    assert control_ids(tok, head) == opening + [im["<|im_user|>"], im["<|im_middle|>"]]
+    cont = continue_open_turn(tok, cached, prompt, system)
+    assert control_ids(tok, cont) == [im["<|im_end|>"], im["<|im_assistant|>"], im["<|im_middle|>"]]
+    whole = [{"role": "system", "content": system}] if system else []
+    whole.append({"role": "user", "content": cached + "\n\n" + prompt})
+    assert tok.decode(head + cont) == tok.apply_chat_template(whole, tokenize=False)
