@@ -27,6 +27,7 @@ import warnings
 import mlx.core as mx
 
 from .cache import KDACache
+from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 
 ENV_VAR = "KIMI_MLX_DECODE"
@@ -61,6 +62,7 @@ def _trace_key(kind: str, x: mx.array) -> tuple:
 def _compiled(layer, kind: str, x: mx.array, build):
     """The layer's compiled function for this trace key (built on first use), or None when a
     trace of it failed before (then the eager path runs)."""
+    reduced_fp32_matmul()  # its one-time probe evaluates arrays: not inside a trace
     cache = layer.__dict__.setdefault("_decode_fns", {})  # instance attribute, not a parameter
     key = _trace_key(kind, x)
     if key not in cache:

@@ -17,9 +17,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 import mlx.core as mx
 
+from .decode import get_decode_path
 from .experts import get_expert_path
 from .kda import get_kda_path, kda_chunked, kda_mx_fast, kda_naive
 from .kda import metal as kda_metal_mod
+from .precision import reduced_fp32_matmul
 
 REAL_SHAPE = (32, 128, 128)  # KDA heads, Dk, Dv of Kimi-Linear-48B-A3B
 PREFILL_T = 2048  # tokens of the timed prefill
@@ -102,6 +104,35 @@ def kernel_report() -> list[str]:
     return lines
 
 
+def gpu_line() -> str:
+    """The GPU MLX runs on: its name, backend and memory, and whether its float32 matmuls are
+    reduced-precision (TF32), for which kimi-mlx keeps its fp32 paths exact (kimi_mlx/precision.py)."""
+    if not mx.is_available(mx.gpu):
+        return "gpu: none (MLX's CPU backend; on Linux + NVIDIA: pip install 'kimi-mlx[cuda]')"
+    backend = "Metal" if mx.metal.is_available() else "CUDA" if mx.cuda.is_available() else "GPU"
+    try:
+        info = mx.device_info(mx.gpu)
+    except (TypeError, RuntimeError):  # older MLX: device_info() has no device argument
+        info = mx.device_info()
+    name = info.get("device_name") or info.get("architecture") or "unknown"
+    arch = info.get("architecture")
+    mem = info.get("total_memory") or info.get("memory_size")
+    reduced = reduced_fp32_matmul_on(mx.gpu)
+    return (f"gpu: {name} ({backend}{', ' + arch if arch and arch != name else ''}"
+            f"{f', {mem / 2**30:.1f} GiB' if mem else ''}); float32 matmuls "
+            + ("reduced (TF32): kimi-mlx's fp32 paths use 3-pass products" if reduced else "full fp32"))
+
+
+def reduced_fp32_matmul_on(device) -> bool:
+    """precision.reduced_fp32_matmul's probe, run on `device`."""
+    old = mx.default_device()
+    mx.set_default_device(device)
+    try:
+        return reduced_fp32_matmul()
+    finally:
+        mx.set_default_device(old)
+
+
 def report() -> str:
     mem = total_memory_gb()
     lines = [
@@ -109,7 +140,9 @@ def report() -> str:
         f"python {platform.python_version()}",
         f"platform {platform.platform()} | device {mx.default_device()} | "
         f"metal {'yes' if mx.metal.is_available() else 'no'}",
+        gpu_line(),
         f"memory {mem:.1f} GiB" if mem is not None else "memory unknown",
+        f"decode steps: {get_decode_path()} (KIMI_MLX_DECODE=compiled|eager; auto: compiled on a GPU)",
         f"KDA path: decode {get_kda_path(1, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))}, "
         f"prefill {get_kda_path(2048, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))} "
         "(KIMI_MLX_KDA_PATH=naive|chunked|mx_fast|metal)",

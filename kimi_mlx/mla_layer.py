@@ -112,9 +112,12 @@ class MLAttention(nn.Module):
             if bits is not None and R % group == 0:
                 w, sc, bi = arrays
                 s = mx.quantized_matmul(q_pad, w, sc, bi, transpose=True, group_size=group, bits=bits)
-                pv = lambda p: mx.quantized_matmul(  # noqa: E731 (the first R // group groups)
-                    p.astype(sc.dtype), w[..., : R * bits // 32], sc[..., : R // group], bi[..., : R // group],
-                    transpose=False, group_size=group, bits=bits)
+                # Values (the first R // group groups): dequantized, then a plain GEMM. quantized_matmul
+                # with transpose=False would read them packed, but MLX's CUDA backend has no such kernel
+                # for these shapes; this form runs on every backend (one more pass over the block).
+                values = mx.dequantize(w[..., : R * bits // 32], sc[..., : R // group], bi[..., : R // group],
+                                       group_size=group, bits=bits)  # [B, n, R]
+                pv = lambda p: p.astype(values.dtype) @ values  # noqa: E731
             else:
                 lat = cache.dequantize(arrays)  # [B, n, R+Dr]
                 s = q_cat @ lat.swapaxes(1, 2)

@@ -15,6 +15,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import ModelArgs
 from .experts import run_experts
+from .precision import fp32_matmul
 
 
 class MLP(nn.Module):
@@ -60,10 +61,19 @@ class SparseMoE(nn.Module):
             else None
         )
 
+    def router_logits(self, x: mx.array) -> mx.array:
+        """x [..., hidden] -> [..., E] fp32. An unquantized gate runs as a full-fp32 product (TF32
+        GPUs would move near-ties); a quantized one (mlx-lm's 8-bit gate) is a quantized matmul."""
+        x = x.astype(mx.float32)
+        if isinstance(self.gate, nn.Linear):
+            return fp32_matmul(x, self.gate.weight.astype(mx.float32).T)
+        return self.gate(x)
+
     def __call__(self, x: mx.array) -> mx.array:
         """x: [B, T, hidden] -> [B, T, hidden]."""
         # Router in fp32 (as the reference): near-ties between experts must not flip with the activation dtype.
-        ids, weights = route(self.gate(x.astype(mx.float32)), self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
+        ids, weights = route(self.router_logits(x), self.e_score_correction_bias, self.top_k, self.renormalize,
+                             self.scale)
         B, T, D = x.shape
         y = run_experts(self.switch_mlp, x.reshape(B * T, D), ids.reshape(B * T, -1), weights.reshape(B * T, -1))
         y = y.reshape(B, T, D)

@@ -7,7 +7,29 @@ transformers are not installed (both are test-only dependencies).
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# GPU mode: KIMI_MLX_TEST_DEVICE=gpu runs the suite with MLX's GPU (CUDA or Metal) as the default
+# device, =cpu on the CPU; unset, MLX's own default. CI runs the CPU suite (mlx[cpu]); a session
+# with a GPU runs e.g. `KIMI_MLX_TEST_DEVICE=gpu MLX_ENABLE_TF32=0 pytest tests/test_parity.py`
+# (TF32 off for suites that compare fp32 models, whose every projection is an fp32 GEMM) and
+# `KIMI_MLX_TEST_DEVICE=gpu pytest tests/test_kda.py tests/test_precision.py` (TF32 on: the
+# paths that must stay fp32 keep it by themselves, kimi_mlx/precision.py).
+TEST_DEVICES = ("cpu", "gpu")
+
+
+def pytest_configure(config):
+    name = os.environ.get("KIMI_MLX_TEST_DEVICE")
+    if name:
+        if name not in TEST_DEVICES:
+            raise pytest.UsageError(f"KIMI_MLX_TEST_DEVICE={name!r}; valid: {', '.join(TEST_DEVICES)}")
+        import mlx.core as mx
+
+        if name == "gpu" and not mx.is_available(mx.gpu):
+            raise pytest.UsageError("KIMI_MLX_TEST_DEVICE=gpu but this MLX has no GPU backend (mlx[cuda13] or a Mac)")
+        mx.set_default_device(mx.gpu if name == "gpu" else mx.cpu)
 
 
 @pytest.fixture(scope="session")

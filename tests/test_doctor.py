@@ -21,6 +21,8 @@ def test_doctor_on_cpu_says_ops_paths_are_used(monkeypatch):
     out = result.stdout
     assert f"mlx {mx.__version__}" in out and "memory" in out
     assert "Metal not available: the MLX ops paths are in use" in out
+    if not mx.is_available(mx.gpu):
+        assert "gpu: none" in out and "kimi-mlx[cuda]" in out
     assert "chunked  vs naive: relative error" in out and "FAILED" not in out
 
 

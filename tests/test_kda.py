@@ -24,6 +24,7 @@ from kimi_mlx.kda import (
     set_kda_path,
 )
 from kimi_mlx.kda import dispatch
+from kimi_mlx.errors import KimiError
 
 # Relative error allowed, keyed by output dtype; the fp32 state is always held to float32.
 # float32: every path does fp32 math, only in another order. Against a float64 recurrence the
@@ -255,3 +256,13 @@ def test_bad_path_names(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "Chunked")
     with pytest.raises(ValueError, match="KIMI_MLX_KDA_PATH"):
         kda_update(*args)
+
+
+def test_metal_path_with_kernels_off_is_refused(monkeypatch):
+    """KIMI_MLX_KDA_PATH=metal with KIMI_MLX_KERNELS=ops used to run the ops path silently."""
+    monkeypatch.setenv("KIMI_MLX_KDA_PATH", "metal")
+    monkeypatch.setenv("KIMI_MLX_KERNELS", "ops")
+    with pytest.raises(KimiError, match="kernel mode 'ops'"):
+        get_kda_path(1)
+    monkeypatch.setenv("KIMI_MLX_KERNELS", "auto")
+    assert get_kda_path(1) == "metal"

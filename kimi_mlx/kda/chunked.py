@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..precision import fp32_matmul as mm  # every product here needs float32 (TF32 GPUs: 3 passes)
+
 # Block sizes of the decay-gram hierarchy: a 64-chunk splits into 4 x 16, each 16 into 4 x 4,
 # each 4 goes diagonal by diagonal. See _decay_gram for why.
 GRAM_BLOCKS = (16, 4)
@@ -90,7 +92,7 @@ def _decay_gram(X: mx.array, K: mx.array, a: mx.array, blocks=GRAM_BLOCKS) -> mx
         lo = (J + 1) * sub  # rows t >= lo lie after block J
         since = mx.cumprod(a[..., lo:, :], axis=-2)  # decay over (end(J), t], [.., n-lo, D]
         rows = (X[..., lo:, :] * since[..., None, :, :]).reshape(*X.shape[:-3], R * (n - lo), D)
-        blk = rows @ mx.swapaxes(cols[..., J, :, :], -1, -2)  # [.., R * (n-lo), s]
+        blk = mm(rows, mx.swapaxes(cols[..., J, :, :], -1, -2))  # [.., R * (n-lo), s]
         blk = blk.reshape(*X.shape[:-3], R, n - lo, sub)
         parts.append(mx.pad(blk, [(0, 0)] * (blk.ndim - 2) + [(lo, 0), (0, 0)]))
     parts.append(mx.zeros((*X.shape[:-2], n, sub), dtype=X.dtype))  # nothing after the last block
@@ -119,14 +121,14 @@ def _unit_lower_inverse(M: mx.array) -> mx.array:
         N = M - eye
         P, Np, p = eye - N, N, 1
         while 2 * p < n:  # after the loop P = sum_{i < 2p} (-N)^i and N^{2p} = 0
-            Np = Np @ Np
-            P = P + P @ Np
+            Np = mm(Np, Np)
+            P = P + mm(P, Np)
             p *= 2
         return P
     h = n // 2
     inv = _unit_lower_inverse(mx.stack([M[..., :h, :h], M[..., h:, h:]], axis=-3))
     Ai, Di = inv[..., 0, :, :], inv[..., 1, :, :]
-    X = -(Di @ (M[..., h:, :h] @ Ai))
+    X = -mm(Di, mm(M[..., h:, :h], Ai))
     top = mx.concatenate([Ai, mx.zeros_like(Ai)], axis=-1)
     return mx.concatenate([top, mx.concatenate([X, Di], axis=-1)], axis=-2)
 
@@ -148,7 +150,7 @@ def _chunk_terms(q, k, v, g, beta):
     since = mx.cumprod(a, axis=-2)  # decay since the chunk start, [.., C, Dk]
     until = mx.cumprod(a, axis=-2, reverse=True, inclusive=False)  # to the chunk end
     bk = beta[..., None]
-    WU = Tinv @ mx.concatenate([bk * k * since, bk * v], axis=-1)  # one matmul for both
+    WU = mm(Tinv, mx.concatenate([bk * k * since, bk * v], axis=-1))  # one matmul for both
     W, U0 = WU[..., :Dk], WU[..., Dk:]  # u = U0 - W S0^T: [.., C, Dk], [.., C, Dv]
     WQ = mx.concatenate([W, q * since], axis=-2)  # both multiply S0^T, [.., 2C, Dk]
     return WQ, U0, Aqk, k * until, since[..., -1:, :]
@@ -179,9 +181,9 @@ def kda_chunked(
     WQ, U0, Aqk, kst, decay = _chunk_terms(*(_to_chunks(x, C) for x in (q, k, v, g, beta)))
     outs = []
     for n in range(WQ.shape[2]):  # the only sequential part: carry S [B, H, Dv, Dk]
-        P = WQ[:, :, n] @ mx.swapaxes(S, -1, -2)  # [B, H, 2C, Dv]
+        P = mm(WQ[:, :, n], mx.swapaxes(S, -1, -2))  # [B, H, 2C, Dv]
         U = U0[:, :, n] - P[..., :C, :]  # [B, H, C, Dv]
-        outs.append(Aqk[:, :, n] @ U + P[..., C:, :])  # in-chunk part + what S0 gives
-        S = S * decay[:, :, n] + mx.swapaxes(U, -1, -2) @ kst[:, :, n]
+        outs.append(mm(Aqk[:, :, n], U) + P[..., C:, :])  # in-chunk part + what S0 gives
+        S = S * decay[:, :, n] + mm(mx.swapaxes(U, -1, -2), kst[:, :, n])
     o = mx.stack(outs, axis=2).reshape(B, H, -1, Dv)[:, :, :T]  # [B, H, T, Dv]
     return mx.swapaxes(o, 1, 2).astype(v.dtype), S

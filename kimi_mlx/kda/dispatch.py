@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..switch import PathSwitch
+from ..switch import PathSwitch, UnknownChoiceError
 
 from .chunked import kda_chunked
-from .metal import kda_metal, metal_ready
+from .metal import ENV_VAR as KERNEL_ENV_VAR
+from .metal import get_kernel_mode, kda_metal, metal_ready
 from .mx_fast import kda_mx_fast
 from .naive import kda_naive
 
@@ -28,6 +29,7 @@ KDA_PATHS = tuple(_PATHS)
 # chunked from 32 on either way: a 15% loss on the slow BLAS against a 2-4.5x gain.
 # Below that, mx.fast's per-token loop beats padding to a whole chunk.
 CPU_CHUNKED_MIN_T = 32
+GPU_CHUNKED_MIN_T = 32  # off Metal; not measured finely: one chunk is 64 tokens, padded
 
 _switch = PathSwitch("KDA path", ENV_VAR, KDA_PATHS)
 
@@ -38,15 +40,19 @@ def set_kda_path(name: str | None) -> None:
 
 
 def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
-    """Fastest measured path for this device and sequence length."""
+    """Fastest measured path for the DEFAULT device (not for what is installed) and T."""
+    if mx.default_device() == mx.cpu:
+        return "chunked" if seq_len >= CPU_CHUNKED_MIN_T else "mx_fast"
+    # A GPU. Our kernels once their one-time self-check against kda_naive passed for this shape
+    # (metal_ready is False off Metal, in KIMI_MLX_KERNELS=ops mode, and after one warning when
+    # the kernels cannot be used).
+    if shape is not None and metal_ready(*shape):
+        return "metal"
     if mx.metal.is_available():
-        # Our kernels once their one-time self-check against kda_naive passed for this shape
-        # (metal_ready warns once and says False otherwise, or in KIMI_MLX_KERNELS=ops mode);
-        # else mx.fast, MLX's fused kernel.
-        if shape is not None and metal_ready(*shape):
-            return "metal"
-        return "mx_fast"
-    return "chunked" if seq_len >= CPU_CHUNKED_MIN_T else "mx_fast"
+        return "mx_fast"  # MLX's fused Metal kernel for every T (what the kernels fall back to)
+    # Other GPUs (MLX's CUDA backend): prefill in chunks, measured on the H200 (bench/bench_gpu.py:
+    # 1.2k tok/s, 2.6-3.5x mlx-lm's per-token loop); decode on mx.fast.
+    return "chunked" if seq_len >= GPU_CHUNKED_MIN_T else "mx_fast"
 
 
 def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
@@ -56,6 +62,9 @@ def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
     shape = (H, Dk, Dv, q dtype, v dtype) lets auto choose the Metal kernels.
     """
     if (forced := _switch.forced()) is not None:
+        if forced == "metal" and get_kernel_mode() == "ops":
+            raise UnknownChoiceError("KDA path 'metal' asks for the kernels but kernel mode 'ops' "
+                                     f"(${KERNEL_ENV_VAR} or set_kernel_mode) forbids them: change one of the two")
         return forced
     return "auto" if seq_len is None else _auto_path(seq_len, shape)
 

@@ -36,7 +36,6 @@ Which path runs: `set_kernel_mode()` > $KIMI_MLX_KERNELS > "auto".
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -46,9 +45,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..precision import fp32_matmul
 from .chunked import _decay_gram, _to_chunks, kda_chunked
 from .naive import kda_naive
-from ..switch import UnknownChoiceError, register_env
+from ..switch import PathSwitch
 
 
 def _metal_dir() -> Path:
@@ -62,7 +62,7 @@ def _metal_dir() -> Path:
 METAL_DIR = _metal_dir()
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
-register_env(ENV_VAR, "kernel mode", MODES)
+_switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for check_environment
 CHUNK = 64  # chunk length of the prefill form
 # From this many tokens kda_metal takes the chunk route, below it kda_decode; None: kda_decode
 # always. See the module docstring: to be set from `bench_kda_roofline.py --measure` on a Mac.
@@ -193,7 +193,7 @@ class MetalKDA:
             output_shapes=[(B, H, N, C, Dv), (B, H, N, C, Dv), (B, H, Dv, Dk)],
             output_dtypes=[f32, f32, f32],
         )
-        o = A[..., 0, :, :] @ U + OI  # in-chunk part + what the start state gives, [B, H, N, C, Dv]
+        o = fp32_matmul(A[..., 0, :, :], U) + OI  # in-chunk part + what the start state gives, [B, H, N, C, Dv]
         o = o.reshape(B, H, N * C, Dv)[:, :, :T]
         return mx.swapaxes(o, 1, 2), state
 
@@ -265,7 +265,6 @@ def relative_error(out: mx.array, ref: mx.array) -> float:
 
 # --- which path runs ----------------------------------------------------------------------
 
-_mode: str | None = None
 _backend: MetalKDA | None = None
 _backend_available: bool | None = None  # None: ask mx.metal
 _checked: dict[tuple, str | None] = {}
@@ -274,21 +273,12 @@ _warned: set[str] = set()
 
 def set_kernel_mode(mode: str | None) -> None:
     """Force "ops", "metal" or "auto" for this process; None goes back to $KIMI_MLX_KERNELS."""
-    global _mode
-    if mode is not None and mode not in MODES:
-        raise UnknownChoiceError(f"unknown kernel mode {mode!r}; valid: {', '.join(MODES)}")
-    _mode = mode
+    _switch.force(mode, "set_kernel_mode")
 
 
 def get_kernel_mode() -> str:
-    if _mode is not None:
-        return _mode
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env not in MODES:
-            raise UnknownChoiceError(f"${ENV_VAR}={env!r}: unknown kernel mode; valid: {', '.join(MODES)}")
-        return env
-    return "auto"
+    """set_kernel_mode() > $KIMI_MLX_KERNELS > "auto" (the one PathSwitch mechanism)."""
+    return _switch.forced() or "auto"
 
 
 def _use_backend(backend: MetalKDA | None, available: bool | None = None) -> None:
