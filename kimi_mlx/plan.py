@@ -344,8 +344,14 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
         raise KimiError(f"memory of {memory_bytes} bytes: give a positive amount (--memory-gb)")
     if kv_bits not in (16, 8, 4):
         raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4")
-    if context < 1 or batch < 1 or prefill_step < 1:
-        raise KimiError(f"context {context}, batch {batch}, prefill step {prefill_step}: each must be at least 1")
+    def whole(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if not (whole(context) and whole(batch) and whole(prefill_step)):
+        raise KimiError(f"context {context!r}, batch {batch!r}, prefill step {prefill_step!r}: "
+                        "each must be a whole number, at least 1")
+    if memory_bytes is not None and not whole(memory_bytes):
+        raise KimiError(f"memory of {memory_bytes!r} bytes: give a positive whole number (--memory-gb)")
     limit = args.model_max_length or MAX_CONTEXT
     if context > limit:
         raise ContextTooLong(f"context of {context:,} tokens: past this model's maximum of {limit:,} tokens "

@@ -313,3 +313,12 @@ def test_cli_cache_prompt_ignore_memory_plan(small_machine, tmp_path):
     assert refused.exit_code == 2 and "--ignore-memory-plan" in refused.output
     ran = CliRunner().invoke(app, [*args, "--ignore-memory-plan"])
     assert ran.exit_code == 0 and (tmp_path / "p.safetensors").exists(), ran.output
+
+
+@pytest.mark.parametrize("kwargs", [dict(context=1.5), dict(context=True), dict(context="100"), dict(batch=0),
+                                    dict(prefill_step=2.0), dict(memory_bytes=1.5e9), dict(memory_bytes=-1)])
+def test_plan_api_refuses_impossible_values(kwargs):
+    args = {"context": 100, "memory_bytes": GiB, **kwargs}
+    with pytest.raises(KimiError) as e:
+        plan_memory(TINY_CONFIG, **args)
+    assert "\n" not in str(e.value)
