@@ -130,12 +130,24 @@ class NaNAfter:
         return getattr(self._model, name)
 
 
+class NoEnd:
+    """The tokenizer without end tokens: a sampled reply cannot stop before the NaN."""
+
+    eos_token_ids: set = set()
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 @pytest.mark.parametrize("calls,temperature", [(1, 0.0), (3, 0.0), (4, 0.8)])
 def test_nan_logits_stop_generation_with_an_error(loaded, calls, temperature):
     model, tok = loaded
     tokens = []
     with pytest.raises(KimiError, match="logits became NaN"):
-        for r in stream_generate(NaNAfter(model, calls), tok, [65], max_tokens=8, temperature=temperature):
+        for r in stream_generate(NaNAfter(model, calls), NoEnd(tok), [65], max_tokens=8, temperature=temperature):
             tokens.append(r.token)
     # a one-token prompt: each call gives the logits of one token
     assert len(tokens) == calls - 1  # every token before the NaN, none after
