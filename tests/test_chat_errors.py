@@ -190,7 +190,7 @@ def test_cli_generate_shows_prefill_progress_for_long_prompts_only(folder, tmp_p
     assert result.exit_code == 0 and "prefill" not in result.stderr, result.output
 
 
-@pytest.mark.parametrize("command", ["generate -p hi -n 200", "chat -n 50"])
+@pytest.mark.parametrize("command", ["generate -p hi -n 2000", "chat -n 50"])
 def test_a_reader_that_goes_away_is_a_quiet_exit(folder, command):  # noqa: F811
     # `| head -c 1`: the pipe closes after the first byte; the tool stops without a traceback
     script = (f"yes hello | head -n 200 | {sys.executable} {ROOT / 'cli.py'} {command} --model {folder} "
