@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from kimi_mlx.dtypes import FP32_PARAMS
 from kimi_mlx.errors import ModelFormatError
 from kimi_mlx.loading import _check_names_and_shapes
-from kimi_mlx.model import FP32_PARAMS, Model
 from kimi_mlx.weights import to_mlx_layout
 
 from .recipe import DTYPES, ConvertOptions
@@ -164,6 +164,8 @@ def make_plan(source: Source, options: ConvertOptions) -> Plan:
     """Check the source against the model the config describes and plan every output byte."""
     opts = options.resolved()
     args = source.args
+    from kimi_mlx.model import Model  # here: the model's modules import mlx-lm (seconds); checks come first
+
     model = Model(args)  # lazy parameters: names, shapes and quantizable modules only
     quantizable = {p: m.weight.shape[-1] for p, m in model.named_modules() if hasattr(m, "to_quantized")}
     where = source.folder / ("model.safetensors.index.json"

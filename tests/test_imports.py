@@ -1,5 +1,5 @@
-"""Each CLI command imports what it needs only: `import kimi_mlx`, `--help`, `plan` and `info`
-never import mlx-lm (whose package imports transformers: 2-4 s), while commands that build the
+"""Each CLI command imports what it needs only: `import kimi_mlx`, `--help`, `plan`, `info` and a
+convert refused by its early checks never import mlx-lm (whose package imports transformers: 2-4 s), while commands that build the
 model do (the check can tell). Timings are in bench/, not here; this checks the imports."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ else:
     from kimi_mlx.cli import app
     try:
         app(args, standalone_mode=False)
-    except SystemExit:
+    except (SystemExit, Exception):  # typer.Exit for a refused convert
         pass
 print(json.dumps({m: m in sys.modules for m in ("mlx_lm", "transformers", "kimi_mlx.model")}))
 """
@@ -31,8 +31,9 @@ def imported(args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("args", [None, ["--help"], ["plan", "--context", "4096"], ["info"]],
-                         ids=["import kimi_mlx", "--help", "plan", "info"])
+@pytest.mark.parametrize("args", [None, ["--help"], ["plan", "--context", "4096"], ["info"],
+                                  ["convert", "/no/such/checkpoint", "out"]],
+                         ids=["import kimi_mlx", "--help", "plan", "info", "convert refused early"])
 def test_light_commands_do_not_import_the_model_or_mlx_lm(args):
     assert imported(args) == {"mlx_lm": False, "transformers": False, "kimi_mlx.model": False}
 
