@@ -22,12 +22,14 @@ RECORD = json.loads((ROOT / "tests" / "data" / "mlx_api_floor.json").read_text()
 
 
 def floors() -> tuple[str, str]:
-    """(mlx floor, mlx-lm pin) from pyproject.toml; the macOS and Linux mlx lines must agree."""
+    """(mlx floor, mlx-lm pin) from pyproject.toml: the oldest mlx any requirement line allows
+    (mlx, mlx[cpu], mlx[<extra>], in dependencies or extras), and the one mlx-lm pin."""
     text = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; we allow 3.10)
-    mlx = set(re.findall(r'^\s*"mlx(?:\[cpu\])?>=([\d.]+)[;"]', text, re.M))
-    lm = re.findall(r'^\s*"mlx-lm==([\d.]+)"', text, re.M)
-    assert len(mlx) == 1 and len(lm) == 1, (mlx, lm)
-    return mlx.pop(), lm[0]
+    mlx = re.findall(r'"mlx(?:\[[\w,-]+\])?>=([\d.]+)[;",]', text)
+    lm = re.findall(r'"mlx-lm==([\d.]+)"', text)
+    assert mlx and not re.search(r'"mlx(?:\[[\w,-]+\])?(?:;|")', text), "every mlx requirement states a floor"
+    assert len(set(lm)) == 1, lm
+    return min(mlx, key=version), lm[0]
 
 
 def version(text: str) -> tuple[int, ...]:
