@@ -7,22 +7,31 @@ Five task types, each a one-turn chat in Kimi's format (an optional system turn 
 - count:    "How many times does fox appear in this list?\nred fox sun fox" -> "2"
 - recall:   "Remember these codes: lion=48, rose=17. <filler sentences> What is the code for rose?" -> "17"
   The question comes long after the pairs (filler in between), so it needs the MLA layers.
+And one long-context task, scored apart from the five chat tasks (per context length):
+- retrieval: "<filler> The code for lion is 417. <filler> What is the code for lion?" -> "417"
+  One fact at a random depth in 2..RETRIEVAL_FILLER[1] filler sentences; evaluated at 1x, 4x and
+  16x the longest training prompt. The KDA layers' state is local (it decays); the MLA layers
+  must find the fact.
 Lists start on a new line so their first word is the same token as the reply's first word
 (BPE merges a leading space into a word: " red" and "red" are different tokens).
 
 Training chats have one turn, or with MULTI_TURN_RATE two or three turns of independent tasks
 (so the model answers the latest question, as in `kimi-mlx chat`); evaluation is one-turn.
 Everything is drawn from `random.Random(seed)`: the same seed gives the same examples.
-Training uses TRAIN_SEED; evaluation draws from other seeds (and rejects any prompt seen
-in training, see `heldout`).
+Training uses TRAIN_SEED; evaluation draws from other seeds. Held-out prompts are kept out of
+training by one of two rules: a replay of what training drew (`seen_prompts`, the first demo
+model), or a fixed split of the prompt space (`is_heldout`: crc32 of the user prompt; training
+streams made with holdout=True never draw such a prompt, evaluation draws only those).
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, field
 
-TASKS = ("addition", "copy", "reverse", "count", "recall")
+TASKS = ("addition", "copy", "reverse", "count", "recall")  # the chat tasks (scored on short chats)
+LONG_TASKS = ("retrieval",)  # scored per context length (evaluate.score_retrieval)
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_003
 
@@ -39,6 +48,9 @@ SYSTEM_RATE = 0.15  # share of chats that open with a system turn
 # Training mix: copying is learned first and fastest, arithmetic, counting and recall need the most.
 TASK_WEIGHTS = {"addition": 2.5, "copy": 0.5, "reverse": 1.0, "count": 2.0, "recall": 2.0}
 MULTI_TURN_RATE = 0.0  # share of training chats with 2 or 3 turns (0: the rng is not even asked)
+RETRIEVAL_FILLER = (2, 16)  # filler sentences around the fact, in training
+RETRIEVAL_VALUES = (100, 999)  # three-digit codes (recall's are two-digit)
+HELDOUT_MOD = 10  # the split: a prompt is held out when crc32(prompt) % HELDOUT_MOD == 0
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -132,12 +144,24 @@ def recall(rng: random.Random, filler: tuple[int, int] = RECALL_FILLER) -> tuple
     return f"Remember these codes: {pairs}. {story} What is the code for {keys[i]}?", values[i]
 
 
-MAKERS = {"addition": addition, "copy": copy, "reverse": reverse, "count": count, "recall": recall}
+def retrieval(rng: random.Random, filler: tuple[int, int] = RETRIEVAL_FILLER) -> tuple[str, str]:
+    """One fact at a uniformly random sentence position (0 = first) among `filler` sentences."""
+    n = rng.randint(*filler)
+    key, value = rng.choice(KEYS), str(rng.randint(*RETRIEVAL_VALUES))
+    sentences = [filler_sentence(rng) for _ in range(n)]
+    sentences.insert(rng.randint(0, n), f"The code for {key} is {value}.")
+    return f"{' '.join(sentences)} What is the code for {key}?", value
 
 
-def make_example(task: str, rng: random.Random, recall_filler: tuple[int, int] = RECALL_FILLER) -> Example:
-    if task == "recall":
-        question, answer = recall(rng, recall_filler)
+MAKERS = {"addition": addition, "copy": copy, "reverse": reverse, "count": count, "recall": recall,
+          "retrieval": retrieval}
+
+
+def make_example(task: str, rng: random.Random, recall_filler: tuple[int, int] | None = None) -> Example:
+    """One chat of `task`; recall_filler overrides the filler range of recall / retrieval."""
+    if task in ("recall", "retrieval"):
+        default = RECALL_FILLER if task == "recall" else RETRIEVAL_FILLER
+        question, answer = MAKERS[task](rng, recall_filler or default)
     else:
         question, answer = MAKERS[task](rng)
     messages = []
@@ -147,20 +171,34 @@ def make_example(task: str, rng: random.Random, recall_filler: tuple[int, int] =
     return Example(task, tuple(messages), answer)
 
 
-def generate(n: int, seed: int, tasks=TASKS, recall_filler: tuple[int, int] = RECALL_FILLER) -> list[Example]:
+def is_heldout(prompt: str) -> bool:
+    """The fixed split of the prompt space: True for about 1 in HELDOUT_MOD user prompts."""
+    return zlib.crc32(prompt.encode()) % HELDOUT_MOD == 0
+
+
+def generate(n: int, seed: int, tasks=TASKS, recall_filler: tuple[int, int] | None = None) -> list[Example]:
     """n examples, tasks in turn (n // len(tasks) each, the rest to the first ones), from one seed."""
     rng = random.Random(seed)
     return [make_example(tasks[i % len(tasks)], rng, recall_filler) for i in range(n)]
 
 
-def stream(seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS, multi_turn: float = MULTI_TURN_RATE):
+def stream(seed: int = TRAIN_SEED, weights: dict[str, float] = TASK_WEIGHTS, multi_turn: float = MULTI_TURN_RATE,
+           holdout: bool = False):
     """The endless training stream of chats, each a tuple of Examples (its turns; only the first
-    may have a system message): tasks drawn at random with these weights, from one rng."""
+    may have a system message): tasks drawn at random with these weights, from one rng.
+    holdout=True redraws any turn whose prompt `is_heldout` (the same rng, so still seeded)."""
     rng = random.Random(seed)
     tasks, w = list(weights), list(weights.values())
+
+    def draw() -> Example:
+        while True:
+            ex = make_example(rng.choices(tasks, w)[0], rng)
+            if not (holdout and is_heldout(ex.prompt)):
+                return ex
+
     while True:
         turns = 1 if not multi_turn or rng.random() >= multi_turn else rng.randint(2, 3)
-        chat = [make_example(rng.choices(tasks, w)[0], rng) for _ in range(turns)]
+        chat = [draw() for _ in range(turns)]
         yield tuple([chat[0]] + [Example(e.task, e.messages[-1:], e.answer) for e in chat[1:]])
 
 
@@ -172,15 +210,23 @@ def seen_prompts(n: int, seed: int = TRAIN_SEED, weights: dict[str, float] = TAS
 
 
 def heldout(n_per_task: int, seed: int = EVAL_SEED, tasks=TASKS, exclude: set[str] | None = None,
-            recall_filler: tuple[int, int] = RECALL_FILLER) -> list[Example]:
-    """n_per_task examples of each task whose prompt is not in `exclude` (e.g. the training prompts)."""
+            recall_filler: tuple[int, int] | None = None, split: bool = False) -> list[Example]:
+    """n_per_task examples of each task whose prompt is not in `exclude` (e.g. the training prompts).
+
+    split=True: only prompts that `is_heldout` (never drawn by a holdout=True stream), each
+    prompt at most once per task (addition has 10^4 prompts, 10^3 of them held out).
+    """
     rng = random.Random(seed)
     out = []
     for task in tasks:
-        got = 0
+        got, taken = 0, set()
         while got < n_per_task:
             ex = make_example(task, rng, recall_filler)
-            if exclude is None or ex.prompt not in exclude:
-                out.append(ex)
-                got += 1
+            if exclude is not None and ex.prompt in exclude:
+                continue
+            if split and (not is_heldout(ex.prompt) or ex.prompt in taken):
+                continue
+            taken.add(ex.prompt)
+            out.append(ex)
+            got += 1
     return out

@@ -2,10 +2,15 @@
 
     python -m kimi_mlx.demo.evaluate [--model kimi_mlx/demo/model] [--n 50] [--seed S] [--unseen]
         [--kda-path naive|chunked|mx_fast] [--filler-scale 2 8] [--dtype float32|bfloat16] [--kv-bits 8]
+        [--batched] [--retrieval 1 4 16]
 
 An answer counts only when the decoded reply equals the expected answer exactly. With --unseen,
-prompts that training drew (training.json's chats_drawn, replayed from the seeded stream) are
-skipped, so every scored prompt is new to the model.
+every scored prompt is new to the model: for a model trained with the held-out split
+(training.json "heldout": "split") only split prompts are drawn; for the first demo model the
+prompts training drew (replayed from its seeded streams) are skipped.
+Two decoders give the same greedy replies up to rounding: `greedy_reply` (one chat, prefill then
+the cache, as kimi-mlx generate runs) and `greedy_batch` (many chats at once, the whole sequence
+recomputed per token without a cache: fast on a GPU, where a tiny model is launch-bound).
 """
 
 from __future__ import annotations
@@ -54,9 +59,95 @@ def score_examples(model: Model, tokenizer, examples, kv_bits: int | None = None
     return {task: right[task] / total[task] for task in total}
 
 
+def greedy_batch(model: Model, tokenizer, messages_list, max_tokens: int = 24, batch: int = 128,
+                 ) -> list[list[int]]:
+    """Greedy replies (token ids, without the stop token) for many chats, `batch` at a time.
+
+    Prompts are right-padded with [PAD] (the model is causal: padding after a row never changes
+    it) and each step reads the logits at each row's own last token; finished rows drop out.
+    """
+    prompts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True) for m in messages_list]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+    stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
+    replies: list[list[int]] = [[] for _ in prompts]
+    for b0 in range(0, len(order), batch):
+        active = order[b0:b0 + batch]
+        for _ in range(max_tokens):
+            seqs = [prompts[i] + replies[i] for i in active]
+            L = max(len(s) for s in seqs)
+            x = mx.array([s + [pad] * (L - len(s)) for s in seqs])  # [B, L]
+            h = model.model(x)  # [B, L, hidden]
+            last = h[mx.arange(len(seqs)), mx.array([len(s) - 1 for s in seqs])]  # [B, hidden]
+            logits = (model.model.embed_tokens.as_linear(last) if model.args.tie_word_embeddings
+                      else model.lm_head(last))
+            tokens = mx.argmax(logits, axis=-1).tolist()
+            still = []
+            for i, t in zip(active, tokens):
+                if t not in stop:
+                    replies[i].append(t)
+                    still.append(i)
+            active = still
+            if not active:
+                break
+    return replies
+
+
+def score_batched(model: Model, tokenizer, examples, batch: int = 128) -> dict[str, float]:
+    """score_examples through greedy_batch: {task: fraction of exact answers}."""
+    replies = greedy_batch(model, tokenizer, [ex.messages for ex in examples], batch=batch)
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for ex, ids in zip(examples, replies):
+        right[ex.task] = right.get(ex.task, 0) + (tokenizer.decode(ids) == ex.answer)
+        total[ex.task] = total.get(ex.task, 0) + 1
+    return {task: right[task] / total[task] for task in total}
+
+
+def retrieval_length(tokenizer, filler: tuple[int, int], n: int = 200, seed: int = 0) -> float:
+    """Mean prompt length in tokens of retrieval chats with `filler` sentences."""
+    import random
+
+    rng = random.Random(seed)
+    return sum(len(tokenizer.apply_chat_template(list(data.make_example("retrieval", rng, filler).messages),
+                                                 add_generation_prompt=True)) for _ in range(n)) / n
+
+
+def retrieval_fillers(tokenizer, scales=(1, 4, 16)) -> dict[float, tuple[int, tuple[int, int]]]:
+    """{scale: (target prompt tokens, filler sentences)}: prompts `scale` times the longest in
+    training (RETRIEVAL_FILLER[1] sentences), on average, from the linear tokens-per-sentence fit."""
+    top = data.RETRIEVAL_FILLER[1]
+    train_len = retrieval_length(tokenizer, (top, top))
+    fixed = retrieval_length(tokenizer, (0, 0))
+    per_sentence = (train_len - fixed) / top
+    return {s: (round(s * train_len), (n := max(0, round((s * train_len - fixed) / per_sentence)), n))
+            for s in scales}
+
+
+def score_retrieval(model: Model, tokenizer, n: int, scales=(1, 4, 16), seed: int = data.EVAL_SEED + 3,
+                    split: bool = True, batch: int = 32) -> dict[str, dict]:
+    """Retrieval accuracy per context scale (1x = the longest training prompt): {"4x": {"tokens",
+    "filler", "accuracy"}}. Batched greedy decoding; prompts from the held-out split by default."""
+    out = {}
+    for scale, (tokens, filler) in retrieval_fillers(tokenizer, scales).items():
+        examples = data.heldout(n, seed, tasks=("retrieval",), recall_filler=filler, split=split)
+        acc = score_batched(model, tokenizer, examples, batch=batch)["retrieval"]
+        out[f"{scale:g}x"] = {"tokens": tokens, "filler_sentences": filler[0], "accuracy": acc}
+    return out
+
+
+def unseen_examples(folder: Path, n_per_task: int, seed: int = data.EVAL_SEED, tasks=data.TASKS):
+    """Held-out chats that the model in `folder` never trained on (see the module docstring)."""
+    info = json.loads((Path(folder) / "training.json").read_text())
+    if info.get("heldout") == "split":
+        return data.heldout(n_per_task, seed, tasks, split=True)
+    from .train import seen_in_training, training_stages
+
+    return data.heldout(n_per_task, seed, tasks, exclude=seen_in_training(training_stages(Path(folder))))
+
+
 def score_model(folder_or_model, tokenizer=None, n_per_task: int = 20, seed: int = data.EVAL_SEED,
-                tasks=data.TASKS, recall_filler: tuple[int, int] = data.RECALL_FILLER,
-                exclude: set[str] | None = None, kv_bits: int | None = None) -> dict[str, float]:
+                tasks=data.TASKS, recall_filler: tuple[int, int] | None = None,
+                exclude: set[str] | None = None, kv_bits: int | None = None, split: bool = False) -> dict[str, float]:
     """{task: accuracy} by greedy decoding on n_per_task fresh examples of each task.
 
     `folder_or_model` is a model folder (its tokenizer is read from it when `tokenizer` is None)
@@ -70,7 +161,7 @@ def score_model(folder_or_model, tokenizer=None, n_per_task: int = 20, seed: int
         model = folder_or_model
         if tokenizer is None:
             raise ValueError("score_model: pass the tokenizer along with an in-memory model")
-    examples = data.heldout(n_per_task, seed, tasks, exclude=exclude, recall_filler=recall_filler)
+    examples = data.heldout(n_per_task, seed, tasks, exclude=exclude, recall_filler=recall_filler, split=split)
     return score_examples(model, tokenizer, examples, kv_bits)
 
 
@@ -105,31 +196,46 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=data.EVAL_SEED)
     parser.add_argument("--kda-path", default=None, choices=["naive", "chunked", "mx_fast"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--unseen", action="store_true", help="skip prompts that training drew")
+    parser.add_argument("--unseen", action="store_true", help="only prompts the model never trained on")
     parser.add_argument("--kv-bits", type=int, default=None, choices=[16, 8, 4], help="latent cache precision")
+    parser.add_argument("--batched", action="store_true", help="greedy_batch (no cache; fast on a GPU)")
     parser.add_argument("--filler-scale", type=float, nargs="*", default=[2, 8],
                         help="also score recall at these multiples of the training context")
+    parser.add_argument("--retrieval", type=float, nargs="*", default=[],
+                        help="score retrieval at these multiples of the longest training prompt, e.g. 1 4 16")
     args = parser.parse_args(argv)
     if args.kda_path:
         set_kda_path(args.kda_path)
     model = load_model(args.model, dtype=getattr(mx, args.dtype))
     tokenizer = load_tokenizer(args.model)
-    exclude = None
-    if args.unseen:
-        from .train import seen_in_training, training_stages
 
-        exclude = seen_in_training(training_stages(Path(args.model)))
+    def examples(n, seed, tasks=data.TASKS, recall_filler=None):
+        if args.unseen:
+            if json.loads((Path(args.model) / "training.json").read_text()).get("heldout") == "split":
+                return data.heldout(n, seed, tasks, recall_filler=recall_filler, split=True)
+            from .train import seen_in_training, training_stages
+
+            exclude = seen_in_training(training_stages(Path(args.model)))
+            return data.heldout(n, seed, tasks, exclude=exclude, recall_filler=recall_filler)
+        return data.heldout(n, seed, tasks, recall_filler=recall_filler)
+
+    def score(exs):
+        return score_batched(model, tokenizer, exs) if args.batched else score_examples(
+            model, tokenizer, exs, args.kv_bits)
+
     t0 = time.perf_counter()
-    scores = score_model(model, tokenizer, args.n, args.seed, exclude=exclude, kv_bits=args.kv_bits)
-    for task, acc in scores.items():
+    for task, acc in score(examples(args.n, args.seed)).items():
         print(f"{task:10s} {acc:6.1%}")
     print(f"recall prompts in training: {context_length(tokenizer, data.RECALL_FILLER):.0f} tokens on average")
     for scale in args.filler_scale:
         filler = filler_for_scale(tokenizer, scale)
-        acc = score_model(model, tokenizer, args.n, args.seed + 1, tasks=("recall",), recall_filler=filler,
-                          exclude=exclude, kv_bits=args.kv_bits)["recall"]
+        acc = score(examples(args.n, args.seed + 1, ("recall",), filler))["recall"]
         print(f"recall at {scale:g}x context ({context_length(tokenizer, filler):.0f} tokens, "
               f"{filler[0]} filler sentences): {acc:6.1%}")
+    if args.retrieval:
+        for name, r in score_retrieval(model, tokenizer, args.n, args.retrieval, split=args.unseen).items():
+            print(f"retrieval at {name} the longest training prompt ({r['tokens']} tokens, "
+                  f"{r['filler_sentences']} filler sentences): {r['accuracy']:6.1%}")
     print(f"({time.perf_counter() - t0:.1f} s)")
 
 
