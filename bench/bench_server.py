@@ -69,8 +69,18 @@ def stream_completion(client, prompt, max_tokens):
     return ttft, time.perf_counter() - t0, n
 
 
-def decode_run(client, clients: int, requests_each: int, tokens: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def decode_run(client, clients: int, requests_each: int, tokens: int, pid: int) -> dict:
     results, lock = [], threading.Lock()
+    cpu0 = cpu_seconds(pid)
 
     def worker(i):
         for j in range(requests_each):
@@ -85,11 +95,13 @@ def decode_run(client, clients: int, requests_each: int, tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = cpu_seconds(pid) - cpu0
     total = sum(r[2] for r in results)
     lat = [r[1] for r in results]
     return {"clients": clients, "requests": len(results), "tokens": total, "wall_s": wall, "tok_s": total / wall,
             "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
-            "ttft_p50_s": pct([r[0] for r in results], 0.5)}
+            "ttft_p50_s": pct([r[0] for r in results], 0.5),
+            "server_cpu_ms_per_token": 1e3 * cpu / max(total, 1)}
 
 
 def chat_ttft(client, messages, max_tokens=8) -> tuple[float, str, dict]:
@@ -147,14 +159,18 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--turn-words", type=int, default=40)
     ap.add_argument("--history", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3, help="1-client / N-client run pairs")
     a = ap.parse_args()
 
     port = free_port()
     proc = start_server(a.model, port, ["--max-batch", str(max(16, a.clients))])
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
     try:
-        decode_run(client, 1, 1, 8)  # warm-up
-        runs = [decode_run(client, n, a.requests, a.decode_tokens) for n in (1, a.clients)]
+        decode_run(client, 1, 1, 8, proc.pid)  # warm-up
+        # 1 and N clients in turn, --repeats times: the machine's load drifts, so each ratio compares
+        # neighbouring runs and the medians are reported
+        pairs = [[decode_run(client, n, a.requests, a.decode_tokens, proc.pid) for n in (1, a.clients)]
+                 for _ in range(a.repeats)]
         turns = multi_turn(client, a.turns, a.turn_words)
         from kimi_mlx import load_tokenizer
         from kimi_mlx.loading import resolve_model_path
@@ -165,12 +181,18 @@ def main() -> None:
         proc.wait(60)
 
     print(f"decode ({a.decode_tokens} tokens a request, {a.requests} requests a client)")
-    print(f"{'clients':>7s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'TTFT p50':>9s}")
+    print(f"{'clients':>7s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'TTFT p50':>9s} {'server CPU ms/tok':>18s}")
+    runs = [r for pair in pairs for r in pair]
     for r in runs:
         print(f"{r['clients']:7d} {r['tok_s']:8.1f} {r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} "
-              f"{r['ttft_p50_s']:9.3f}")
-    speedup = runs[1]["tok_s"] / runs[0]["tok_s"]
-    print(f"{a.clients} clients / 1 client total tok/s: {speedup:.2f}x (target >= 4x)")
+              f"{r['ttft_p50_s']:9.3f} {r['server_cpu_ms_per_token']:18.2f}")
+    ratios = [n["tok_s"] / one["tok_s"] for one, n in pairs]
+    speedup = statistics.median(ratios)
+    print(f"{a.clients} clients / 1 client total tok/s: median {speedup:.2f}x of "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} (target >= 4x)")
+    cpu_ratios = [one["server_cpu_ms_per_token"] / n["server_cpu_ms_per_token"] for one, n in pairs]
+    print(f"server CPU per token, 1 client / {a.clients} clients: median {statistics.median(cpu_ratios):.2f}x "
+          "(less sensitive to other jobs on the machine than wall time)")
     print("multi-turn TTFT")
     for t in turns:
         print(f"  turn {t['turn']}: {1e3 * t['ttft_s']:7.1f} ms  prompt {t['prompt_tokens']:5d}  "
@@ -181,7 +203,7 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "bench_server.json").write_text(json.dumps(
-        {"args": vars(a), "decode": runs, "speedup": speedup, "turns": turns, "long_history": hist}, indent=2))
+        {"args": vars(a), "decode": runs, "ratios": ratios, "speedup": speedup, "cpu_ratios": cpu_ratios, "turns": turns, "long_history": hist}, indent=2))
 
 
 if __name__ == "__main__":
