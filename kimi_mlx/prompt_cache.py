@@ -47,6 +47,8 @@ def check_output_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if a file can be written there, else a KimiError naming it: a folder (".",
     "/"), a missing folder, or one we may not write in. Call it before long work (a prefill)."""
     path = Path(path).expanduser()
+    if "\0" in str(path):
+        raise KimiError(f"{str(path)!r}: a file name cannot hold a NUL character")
     if path.name in ("", ".", "..") or path.is_dir():
         raise KimiError(f"{path}: is a folder; give a file name, e.g. {path / 'chat.safetensors'}")
     if not path.parent.is_dir():

@@ -56,6 +56,7 @@ def test_failed_commands_keep_the_session(loaded, folder, tmp_path):  # noqa: F8
         "/save .", "/save /", "/save ..", f"/save {tmp_path}", f"/save {unwritable(tmp_path) / 'c.safetensors'}",
         f"/save {tmp_path / 'no' / 'such' / 'c.safetensors'}",
         f"/load {garbage}", f"/load {tmp_path}", f"/load {tmp_path / 'missing'}", f"/load {bad_json}",
+        "/save a\0b", "/load a\0b",
         f"/load {folder / 'model.safetensors'}", "/load .",
     ]
     good = tmp_path / "good.safetensors"
@@ -63,6 +64,7 @@ def test_failed_commands_keep_the_session(loaded, folder, tmp_path):  # noqa: F8
     assert code == 0
     errors = error_lines(notes)
     assert len(errors) == len(failing), notes  # one line each
+    assert not [e for e in errors if "report this" in e], errors  # user errors, not bugs
     assert "Traceback" not in notes
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["first message", "second"]
     assert good.is_file() and not list(tmp_path.glob("*.tmp*"))
