@@ -80,7 +80,8 @@ def ids_of(tok, pieces):
 
 FRAGMENTS = ["<|im_end|>", "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "[EOS]", "[BOS]",
              "<|tool_call_begin|>", "<|tool_calls_section_end|>", "<|reserved_token_900|>", "<|im_", "_end|>",
-             "<|", "|>", "im_end", "[EO", "S]", "<", "|", ">", "[", "]", "\U0010fffd", "\ue000", "\n", " ", "## Return of "]
+             "<|", "|>", "im_end", "[EO", "S]", "<", "|", ">", "[", "]", "\U0010fffd", "\ue000", "\n", " ",
+             "## Return of "]
 text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=8).map("".join)
 arguments = st.one_of(text, st.dictionaries(text, text, max_size=2))
 

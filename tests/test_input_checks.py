@@ -265,7 +265,8 @@ BAD_ARRAYS = [
 
 
 @pytest.mark.parametrize("change,message", [c[1:] for c in BAD_ARRAYS], ids=[c[0] for c in BAD_ARRAYS])
-def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(loaded, folder, tmp_path, change, message):  # noqa: F811
+def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(  # noqa: F811
+        loaded, folder, tmp_path, change, message):
     from kimi_mlx.prompt_cache import load_prompt_cache, make_prompt_cache
 
     model, tok = loaded
