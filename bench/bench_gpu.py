@@ -230,8 +230,7 @@ def forced(kda: str | None = None, experts: str | None = None):
 
 
 # Our variants measured beside the default (name -> context manager factory).
-DECODE_VARIANTS = {"ours-eager": lambda: decode_path("eager"), "ours-kda-naive": lambda: forced(kda="naive"),
-                   "ours-kda-mx_fast": lambda: forced(kda="mx_fast")}
+DECODE_VARIANTS = {"ours-eager": lambda: decode_path("eager"), "ours-kda-naive": lambda: forced(kda="naive")}
 
 
 def decode_run(lib: str, model, cache, n_tokens: int, token: int = 1, gen_kwargs=None) -> float:
@@ -382,12 +381,20 @@ def per_op(model, inputs, cache_fn, repeats: int = 3) -> tuple[list, float]:
     return out, 1e3 * total
 
 
-def breakdown(ours, theirs, config, context: int, repeats: int) -> dict:
+def steps(ours, theirs, config, context: int, repeats: int) -> dict:
+    """One synced decode step of each (and ours eager): time, host time, op counts."""
     c_ours, c_theirs = planted_caches(config, context, seed=1)
     res = {"context": context, "kimi-mlx": step_profile("ours", ours, c_ours, repeats),
            "mlx-lm": step_profile("theirs", theirs, c_theirs, repeats)}
     with decode_path("eager"):
         res["kimi-mlx eager"] = step_profile("ours", ours, c_ours, repeats)
+    return res
+
+
+def breakdown(ours, config, context: int, repeats: int) -> dict:
+    """Where our decode step (and a prefill step) goes: per-op and per-layer-kind tables (eager)."""
+    c_ours, _ = planted_caches(config, context, seed=1)
+    res = {"context": context}
     res["per_op"], res["per_op_sum_ms"] = per_op(ours, mx.array([[1]]), lambda: planted_caches(config, context, 1)[0])
     T = DEFAULT_PREFILL_STEP
     prompt = mx.random.randint(0, config["vocab_size"], (1, T), key=mx.random.key(3))
@@ -530,11 +537,13 @@ def main() -> None:
         result["decode"] = rows
         save()
 
-    if "breakdown" in sections:
-        result["breakdown"] = breakdown(ours, theirs, config, contexts[0], repeats=5)
-        b = result["breakdown"]
+    if "decode" in sections:
+        result["steps"] = b = steps(ours, theirs, config, contexts[0], repeats=5)
         print(f"decode step at {contexts[0]}: ours {b['kimi-mlx']}, mlx-lm {b['mlx-lm']}", flush=True)
         print(f"ours eager: {b['kimi-mlx eager']}", flush=True)
+        save()
+
+    def print_breakdown(b):
         for what in ("per_op", "prefill_per_op"):
             print(f"{what} (eager, each op synced; sum {b[what + '_sum_ms']:.1f} ms):", flush=True)
             for r in b[what][:30]:
@@ -542,7 +551,6 @@ def main() -> None:
         for kind, r in b["per_layer_kind"].items():
             print(f"  layer {kind:10s} x{r['count']:2d}: {r['synced_ms']:.2f} ms synced, host {r['host_build_ms']:.2f} ms, "
                   f"{r['graph_nodes']} nodes ({r['kernel_nodes']} kernels)", flush=True)
-        save()
 
     if "prefill" in sections or "memory" in sections:
         rows, rate = {}, {"ours": None, "theirs": None}
@@ -559,7 +567,7 @@ def main() -> None:
                     continue
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                reps = 3 if T <= 4096 else 1
+                reps = 3 if T <= 1024 else 2 if T <= 4096 else 1
                 times = [ttft_run(lib, model, config, prompt) for _ in range(reps)]
                 t = statistics.median(times)
                 rate[lib] = T / t
@@ -601,18 +609,23 @@ def main() -> None:
         row = {}
         with mx_fast_in_mlx_lm():
             runs = []
-            for r in range(4):
+            for r in range(3):
                 _, c_theirs = planted_caches(config, contexts[0], seed=r)
                 tps = decode_run("theirs", theirs, c_theirs, decode_tokens)
                 if r:
                     runs.append(tps)
             row["decode_tok_s"] = statistics.median(runs)
-            for T in prefill_sizes[:2]:
+            for T in prefill_sizes[:1]:
                 prompt = mx.random.randint(0, config["vocab_size"], (T,), key=mx.random.key(T))
                 ttft_run("theirs", theirs, config, prompt[:64])
                 row[f"prefill_{T}_tok_s"] = T / ttft_run("theirs", theirs, config, prompt)
         result["mlx_lm_mx_fast"] = row
         print(f"mlx-lm with mx.fast.gated_delta_update: {row}", flush=True)
+        save()
+
+    if "breakdown" in sections and deadline.allows(30):
+        result["breakdown"] = breakdown(ours, config, contexts[0], repeats=5)
+        print_breakdown(result["breakdown"])
         save()
 
     result["total_s"] = time.perf_counter() - t_start
@@ -632,7 +645,7 @@ def print_table(r: dict, contexts) -> None:
         for lib in DECODE_VARIANTS:
             if row.get(lib, {}).get("runs"):
                 print(f"| ({lib}) | {row[lib]['median']:.1f} | | {row[lib]['median'] / row['theirs']['median']:.2f}x |")
-    b = r.get("breakdown")
+    b = r.get("steps")
     if b:
         o, t = b["kimi-mlx"], b["mlx-lm"]
         print(f"| one decode step, synced, {b['context']} context (ms) | {o['step_ms']:.1f} | {t['step_ms']:.1f} | "

@@ -25,8 +25,10 @@ from __future__ import annotations
 import warnings
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .cache import KDACache
+from .kda import get_kda_path
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 
@@ -87,27 +89,129 @@ def _run(layer, kind: str, x: mx.array, build, *args):
         return None
 
 
+class FusedLinears:
+    """Linears that read the same input, run as ONE matmul over their weights concatenated along
+    the outputs (a decode step's GEMVs are launch-bound: 6 -> 2 per KDA layer). The concatenation
+    is made once; the linears' own weights then become row slices of it (views: no extra memory),
+    and it is made again if any of them is replaced (new weights loaded). Quantized linears must
+    share bits, group size and mode; none may have a bias."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.names = ["weight"] + (["scales"] + (["biases"] if "biases" in linears[0] else [])
+                                   if isinstance(linears[0], nn.QuantizedLinear) else [])
+        self._ids: tuple | None = None
+        self._arrays: list[mx.array] = []
+
+    @staticmethod
+    def supported(linears: list) -> bool:
+        a = linears[0]
+        if isinstance(a, nn.QuantizedLinear):
+            same = lambda b: (isinstance(b, nn.QuantizedLinear) and (b.bits, b.group_size, b.mode)  # noqa: E731
+                              == (a.bits, a.group_size, a.mode) and ("biases" in b) == ("biases" in a))
+        else:
+            same = lambda b: type(b) is nn.Linear and b.weight.dtype == a.weight.dtype  # noqa: E731
+        return type(a) in (nn.Linear, nn.QuantizedLinear) and all(same(b) and "bias" not in b for b in linears)
+
+    def arrays(self) -> list[mx.array]:
+        """The fused arrays (weight, then scales and biases when quantized), built when needed."""
+        ids = tuple(id(lin[n]) for lin in self.linears for n in self.names)
+        if ids != self._ids:
+            self._arrays = [mx.concatenate([lin[n] for lin in self.linears]) for n in self.names]
+            mx.eval(self._arrays)
+            start = 0
+            for lin, size in zip(self.linears, self.sizes):
+                for n, fused in zip(self.names, self._arrays):
+                    lin[n] = fused[start:start + size]  # a view of the fused buffer
+                start += size
+            mx.eval([lin[n] for lin in self.linears for n in self.names])
+            self._ids = tuple(id(lin[n]) for lin in self.linears for n in self.names)
+        return self._arrays
+
+    def __call__(self, x: mx.array, arrays: list[mx.array]) -> list[mx.array]:
+        """x [..., in] -> one output per linear, with `arrays` (from .arrays(), passed into the trace)."""
+        a = self.linears[0]
+        if isinstance(a, nn.QuantizedLinear):
+            y = mx.quantized_matmul(x, *arrays, transpose=True, group_size=a.group_size, bits=a.bits, mode=a.mode)
+        else:
+            y = x @ arrays[0].T
+        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
+        return mx.split(y, cuts, axis=-1)
+
+
+def _kda_fusions(layer) -> list[FusedLinears] | None:
+    """The KDA layer's input projections as two fused matmuls (q, k, v; f_a, g_a, b), or None."""
+    if "_decode_fusions" not in layer.__dict__:
+        a = layer.self_attn
+        groups = [[a.q_proj, a.k_proj, a.v_proj], [a.f_a_proj, a.g_a_proj, a.b_proj]]
+        ok = all(FusedLinears.supported(g) for g in groups)
+        layer.__dict__["_decode_fusions"] = [FusedLinears(g) for g in groups] if ok else None
+    return layer.__dict__["_decode_fusions"]
+
+
+def _mlp_fusion(layer) -> FusedLinears | None:
+    """The SwiGLU's gate and up projections (dense MLP, or the MoE's shared expert) as one matmul."""
+    if "_mlp_fusion" not in layer.__dict__:
+        swiglu = getattr(layer.mlp, "shared_experts", layer.mlp)
+        group = [swiglu.gate_proj, swiglu.up_proj] if swiglu is not None and hasattr(swiglu, "gate_proj") else None
+        ok = group is not None and FusedLinears.supported(group)
+        layer.__dict__["_mlp_fusion"] = FusedLinears(group) if ok else None
+    return layer.__dict__["_mlp_fusion"]
+
+
+def _fused_arrays(fusions: list) -> list[mx.array]:
+    return [a for f in fusions if f is not None for a in f.arrays()]
+
+
+def _mlp_half(layer, h: mx.array, fusion: FusedLinears | None, arrays) -> mx.array:
+    """h + MLP(post_attention_layernorm(h)), the gate/up pair fused when it can be."""
+    z = layer.post_attention_layernorm(h)
+    return h + layer.mlp(z, fusion(z, arrays) if fusion is not None else None)
+
+
 def _kda_step(layer):
-    def step(x, wq, wk, wv, state):
+    fusions, mlp_fusion = _kda_fusions(layer), _mlp_fusion(layer)
+
+    def step(x, wq, wk, wv, state, *fused):
         c = KDACache()
         c.conv, c.recurrent = [wq, wk, wv], state
-        h = x + layer.self_attn(layer.input_layernorm(x), None, c)
-        return (h + layer.mlp(layer.post_attention_layernorm(h)), *c.conv, c.recurrent)
+        h_in = layer.input_layernorm(x)
+        proj, i = None, 0
+        if fusions is not None:
+            n0, n1 = len(fusions[0].names), len(fusions[1].names)
+            proj = (*fusions[0](h_in, fused[:n0]), *fusions[1](h_in, fused[n0:n0 + n1]))
+            i = n0 + n1
+        h = x + layer.self_attn(h_in, None, c, proj=proj)
+        return (_mlp_half(layer, h, mlp_fusion, fused[i:]), *c.conv, c.recurrent)
 
     return step
 
 
+def _mla_fusion(layer) -> FusedLinears | None:
+    """The MLA layer's q and latent projections as one matmul."""
+    if "_mla_fusion" not in layer.__dict__:
+        group = [layer.self_attn.q_proj, layer.self_attn.kv_a_proj_with_mqa]
+        layer.__dict__["_mla_fusion"] = FusedLinears(group) if FusedLinears.supported(group) else None
+    return layer.__dict__["_mla_fusion"]
+
+
 def _mla_project(layer):
-    def project(x):
-        return layer.self_attn.project(layer.input_layernorm(x))
+    fusion = _mla_fusion(layer)
+
+    def project(x, *fused):
+        h_in = layer.input_layernorm(x)
+        return layer.self_attn.project(h_in, fusion(h_in, fused) if fusion is not None else None)
 
     return project
 
 
 def _mla_finish(layer):
-    def finish(x, o):
+    mlp_fusion = _mlp_fusion(layer)
+
+    def finish(x, o, *fused):
         h = x + layer.self_attn.output(o, x.dtype, absorbed=True)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return _mlp_half(layer, h, mlp_fusion, fused)
 
     return finish
 
@@ -125,7 +229,12 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
             conv, state = [window] * 3, mx.zeros((B, attn.num_heads, attn.head_dim, attn.head_dim), mx.float32)
         else:
             conv, state = cache.conv, cache.recurrent
-        out = _run(layer, "kda", x, lambda: _kda_step(layer), *conv, state)
+        # The KDA dispatcher's one-time kernel self-check (on Metal) evaluates arrays: run it here,
+        # not inside the trace. q, k reach the recurrence in float32, v in the activation dtype.
+        attn = layer.self_attn
+        get_kda_path(1, (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype))
+        fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
+        out = _run(layer, "kda", x, lambda: _kda_step(layer), *conv, state, *fused)
         if out is None:
             return None
         h, *cache.conv, cache.recurrent = out
@@ -133,10 +242,11 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
         return h
     if not layer.self_attn.absorbs(x.shape[1]):
         return None
-    qa = _run(layer, "mla_project", x, lambda: _mla_project(layer))
+    qa = _run(layer, "mla_project", x, lambda: _mla_project(layer), *_fused_arrays([_mla_fusion(layer)]))
     if qa is None:
         return None
     q, latent = qa
     o = layer.self_attn.attend(q, latent, cache)  # the cache has advanced: no way back to eager
-    h = _run(layer, "mla_finish", x, lambda: _mla_finish(layer), o)
-    return h if h is not None else _mla_finish(layer)(x, o)
+    fused = _fused_arrays([_mlp_fusion(layer)])
+    h = _run(layer, "mla_finish", x, lambda: _mla_finish(layer), o, *fused)
+    return h if h is not None else _mla_finish(layer)(x, o, *fused)

@@ -106,29 +106,40 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.o_proj = nn.Linear(proj, hidden, bias=False)
 
-    def forget_gate(self, x: mx.array) -> mx.array:
-        """x: [B, T, hidden] -> g [B, T, H, D] float32, log-space decay (<= 0)."""
+    def forget_gate(self, x: mx.array, fa: mx.array | None = None) -> mx.array:
+        """x: [B, T, hidden] (or its f_a projection fa [B, T, D]) -> g [B, T, H, D] float32,
+        log-space decay (<= 0)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
+        f = self.f_b_proj(self.f_a_proj(x) if fa is None else fa).reshape(B, T, H, D)
         return _forget_gate(f, self.dt_bias.reshape(H, D), self.A_log.reshape(H, 1))
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: KDACache | None = None):
-        """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None."""
+    def project(self, x: mx.array) -> tuple[mx.array, ...]:
+        """The six projections of the layer's input, each its own matmul: q, k, v [B, T, H*D],
+        f_a, g_a [B, T, D], b [B, T, H] (kimi_mlx.decode runs them as two fused matmuls)."""
+        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x))
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: KDACache | None = None,
+                 proj: tuple[mx.array, ...] | None = None):
+        """x: [B, T, hidden]; mask: [B, T] (0 = left padding) or None; proj: `project(x)` computed
+        by the caller (unpadded inputs only)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         valid = None if mask is None else mask.astype(mx.bool_)  # [B, T], False = left padding
         if valid is not None:
+            if proj is not None:
+                raise ValueError("precomputed projections are for unpadded inputs (mask None)")
             x = mx.where(valid[..., None], x, 0).astype(x.dtype)
+        qx, kx, vx, fa, ga, bx = self.project(x) if proj is None else proj
         windows = cache.conv if cache is not None and cache.conv is not None else [None] * 3
-        q, wq = self.q_conv(self.q_proj(x), windows[0], valid)
-        k, wk = self.k_conv(self.k_proj(x), windows[1], valid)
-        v, wv = self.v_conv(self.v_proj(x), windows[2], valid)
+        q, wq = self.q_conv(qx, windows[0], valid)
+        k, wk = self.k_conv(kx, windows[1], valid)
+        v, wv = self.v_conv(vx, windows[2], valid)
         q = l2_normalize(q.reshape(B, T, H, D)) * (D**-0.5)  # [B, T, H, Dk] fp32
         k = l2_normalize(k.reshape(B, T, H, D))  # [B, T, H, Dk] fp32
         v = v.reshape(B, T, H, D)  # [B, T, H, Dv]
-        g = self.forget_gate(x)  # [B, T, H, Dk] fp32
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # [B, T, H]
+        g = self.forget_gate(x, fa)  # [B, T, H, Dk] fp32
+        beta = mx.sigmoid(bx.astype(mx.float32))  # [B, T, H]
         if valid is not None:
             # A padded position leaves a carried state as it is: no decay (g = 0), no write (beta = 0).
             g = mx.where(valid[..., None, None], g, 0.0)
@@ -140,7 +151,7 @@ class KimiDeltaAttention(nn.Module):
             cache.conv, cache.recurrent = [wq, wk, wv], state
             cache.offset += T
 
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
+        gate = self.g_b_proj(ga).reshape(B, T, H, D)
         o = mx.fast.rms_norm(o.astype(mx.float32), self.o_norm.weight.astype(mx.float32), self.o_norm.eps)
         o = _gated(o, gate.astype(x.dtype))
         return self.o_proj(o.reshape(B, T, H * D))

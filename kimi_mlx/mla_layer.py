@@ -65,12 +65,13 @@ class MLAttention(nn.Module):
     # The three pieces of a call (kimi_mlx.decode compiles the first and the last: their shapes
     # are fixed at decode, while the attention's key count grows every token).
 
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x [B, T, hidden] -> (q [B, H, T, Dn+Dr], latent [B, T, R+Dr] to cache)."""
+    def project(self, x: mx.array, proj: tuple[mx.array, mx.array] | None = None) -> tuple[mx.array, mx.array]:
+        """x [B, T, hidden] -> (q [B, H, T, Dn+Dr], latent [B, T, R+Dr] to cache). proj: (q_proj(x),
+        kv_a_proj_with_mqa(x)) computed by the caller (kimi_mlx.decode fuses the two matmuls)."""
         B, T, _ = x.shape
         R = self.rank
-        q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, Dn+Dr]
-        kv = self.kv_a_proj_with_mqa(x)  # [B, T, R+Dr]
+        qx, kv = (self.q_proj(x), self.kv_a_proj_with_mqa(x)) if proj is None else proj  # kv: [B, T, R+Dr]
+        q = qx.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, Dn+Dr]
         latent = mx.concatenate([self.kv_a_layernorm(kv[..., :R]), kv[..., R:]], axis=-1)
         return q, latent
 

@@ -27,8 +27,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, gate_up: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """x [..., hidden] -> [..., hidden]; gate_up: (gate_proj(x), up_proj(x)) computed by the
+        caller (kimi_mlx.decode runs the two as one fused matmul)."""
+        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up
+        return self.down_proj(nn.silu(g) * u)
 
 
 @mx.compile
@@ -69,8 +72,8 @@ class SparseMoE(nn.Module):
             return fp32_matmul(x, self.gate.weight.astype(mx.float32).T)
         return self.gate(x)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        """x: [B, T, hidden] -> [B, T, hidden]."""
+    def __call__(self, x: mx.array, gate_up: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """x: [B, T, hidden] -> [B, T, hidden]; gate_up: the shared expert's, precomputed (see MLP)."""
         # Router in fp32 (as the reference): near-ties between experts must not flip with the activation dtype.
         ids, weights = route(self.router_logits(x), self.e_score_correction_bias, self.top_k, self.renormalize,
                              self.scale)
@@ -78,5 +81,5 @@ class SparseMoE(nn.Module):
         y = run_experts(self.switch_mlp, x.reshape(B * T, D), ids.reshape(B * T, -1), weights.reshape(B * T, -1))
         y = y.reshape(B, T, D)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self.shared_experts(x, gate_up)
         return y

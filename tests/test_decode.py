@@ -79,6 +79,13 @@ def test_compiled_decode_sees_new_weights():
     eager = _decode(model, prompt, 1, "eager", None)[0]
     assert _rel(after, before) > 1e-3
     assert _rel(after, eager) < TOL
+    # A weight inside a fused projection group (q, k, v run as one matmul at decode) replaced too.
+    layer.self_attn.k_proj.weight = 2 * layer.self_attn.k_proj.weight
+    mla = next(layer.self_attn for layer in model.layers if not layer.is_kda)
+    mla.kv_a_proj_with_mqa.weight = -mla.kv_a_proj_with_mqa.weight
+    again = _decode(model, prompt, 1, "compiled", None)[0]
+    assert _rel(again, after) > 1e-3
+    assert _rel(again, _decode(model, prompt, 1, "eager", None)[0]) < TOL
 
 
 def test_decode_switch(monkeypatch):
