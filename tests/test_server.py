@@ -185,6 +185,8 @@ def test_errors_are_openai_bodies(live):
     assert "1048576" in str(e.value) and "2000000" in str(e.value)  # the numbers
     status, body = live.post("/v1/completions", json.dumps({"prompt": [1, 10**9]}).encode())
     assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = live.post("/v1/nothing", b"{}")
+    assert status == 404 and "/v1/nothing" in body["error"]["message"]
 
 
 def test_queue_full_is_429(demo):

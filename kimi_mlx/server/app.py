@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -166,7 +167,10 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
         ]
-        return Starlette(routes=routes)
+        async def http_error(request: HTTPRequest, exc) -> Response:  # 404 / 405 as OpenAI bodies too
+            return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
     # ---- small endpoints
 

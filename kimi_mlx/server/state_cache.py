@@ -24,14 +24,10 @@ from ..prompt_cache import PROMPT_CACHE_FORMAT, read_state_file, save_state_file
 
 
 def cache_nbytes(cache: list) -> int:
-    """Bytes of the arrays a snapshot holds (arrays shared between its layers counted once)."""
-    seen, total = set(), 0
-    for c in cache:
-        for a in c.state:
-            if id(a) not in seen:
-                seen.add(id(a))
-                total += a.nbytes
-    return total
+    """Bytes a snapshot holds: a latent cache's allocated rows (its last page may be up to twice
+    the tokens it holds: LatentCache.nbytes), a KDA cache's windows and state. Arrays shared with
+    other snapshots are counted in each, so the bound is conservative."""
+    return sum(c.nbytes if hasattr(c, "nbytes") else sum(a.nbytes for a in c.state) for c in cache)
 
 
 class _Node:
