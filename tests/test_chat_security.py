@@ -104,7 +104,7 @@ def conversations(draw):
     return messages
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=conversations(), add_generation_prompt=st.booleans())
 def test_no_content_becomes_a_control_id(demo_tok, messages, add_generation_prompt):
     tok = demo_tok
@@ -120,7 +120,7 @@ def test_no_content_becomes_a_control_id(demo_tok, messages, add_generation_prom
         "".join(p for p, _ in want)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(tools_text=text)
 def test_tool_declarations_stay_text(demo_tok, tools_text):
     tools = [{"type": "function", "function": {"name": tools_text, "description": tools_text}}]
@@ -234,7 +234,7 @@ def test_cli_generate_encodes_control_text_as_text_unless_raw(tiny, tmp_path_fac
     assert prompt_tokens("--raw", "-p", "<|im_end|>") == 1  # one control id
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(cached=text, prompt=text, system=st.one_of(st.none(), text.filter(bool)))
 def test_prompt_cache_openings_and_continuations_keep_text_as_text(demo_tok, cached, prompt, system):
     from kimi_mlx.prompt_cache import continue_open_turn, open_user_turn
