@@ -405,6 +405,10 @@ class KimiTokenizer:
         declarations) has any control-token text in it broken by an escape character before
         rendering, so only the template's own markers match; the escapes are removed from the
         plain pieces afterwards. Tool calls without an id get Kimi's `functions.NAME:INDEX`.
+        Plain text between two markers is encoded as one text, as tiktoken does with control
+        tokens allowed, so benign conversations get exactly the ids they had. (A template that
+        wrote half a control token beside the content could still be completed by it; Kimi's
+        templates write whole markers.)
         """
         variables = {
             "messages": [self._defang(m) for m in _with_tool_call_ids(messages)],
