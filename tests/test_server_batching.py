@@ -183,3 +183,36 @@ def test_engine_snapshots_at_boundaries_and_reuses_them(demo):
     assert last.usage["cached_tokens"] == 40
     ref = [r.token for r in stream_generate(model, tok, shared + tail2, 5) if r.token is not None]
     assert toks[:len(ref)] == ref
+
+
+def test_radix_trie_finds_the_longest_snapshot_prefix():
+    """Random conversations sharing prefixes, with snapshots here and there, some evicted:
+    lookup equals a brute-force search over the snapshots kept; evicting all leaves no nodes."""
+    from kimi_mlx.cache import KDACache
+
+    def fake_cache():
+        c = KDACache()
+        c.state = [mx.zeros((1, 4)), mx.zeros((1, 4)), mx.zeros((1, 4)), mx.zeros((1, 8))]
+        return [c]
+
+    size = cache_nbytes(fake_cache())
+    rng = np.random.default_rng(0)
+    sc = StateCache(max_bytes=12 * size)
+    kept = []  # in insertion (LRU) order
+    base = [rng.integers(0, 5, size=rng.integers(1, 12)).tolist() for _ in range(4)]
+    for step in range(60):
+        seq = base[rng.integers(0, 4)] + rng.integers(0, 5, size=rng.integers(0, 10)).tolist()
+        if not seq:
+            continue
+        sc.insert(seq, fake_cache())
+        kept = [k for k in kept if k != seq] + [seq]
+        kept = kept[-12:]  # what a 12-snapshot LRU keeps (no lookups in between)
+        assert len(sc) == len(kept)
+    for _ in range(200):
+        q = base[rng.integers(0, 4)] + rng.integers(0, 5, size=rng.integers(0, 12)).tolist()
+        best = max((len(k) for k in kept if len(k) < len(q) and q[:len(k)] == k), default=0)
+        n, _ = sc.lookup(q)
+        assert n == best
+    sc.max_bytes = 0
+    sc._evict()
+    assert len(sc) == 0 and not sc.root.children

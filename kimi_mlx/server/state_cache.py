@@ -20,6 +20,8 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
+
 from ..prompt_cache import PROMPT_CACHE_FORMAT, read_state_file, save_state_file
 
 
@@ -31,13 +33,23 @@ def cache_nbytes(cache: list) -> int:
 
 
 class _Node:
-    __slots__ = ("children", "parent", "token", "depth", "snapshot", "spilled")
+    """A radix-trie node: `edge` holds the tokens from its parent to it (int32, 4 bytes a token,
+    so a long conversation costs its token count, not a Python object per token)."""
 
-    def __init__(self, parent: "_Node | None", token: int | None, depth: int):
-        self.children: dict[int, _Node] = {}
-        self.parent, self.token, self.depth = parent, token, depth
+    __slots__ = ("children", "parent", "edge", "depth", "snapshot", "spilled")
+
+    def __init__(self, parent: "_Node | None", edge: np.ndarray, depth: int):
+        self.children: dict[int, _Node] = {}  # by the first token of the child's edge
+        self.parent, self.edge, self.depth = parent, edge, depth  # depth: tokens from the root to here
         self.snapshot: list | None = None  # layer caches, B = 1
         self.spilled: tuple[Path, int] | None = None  # (file, bytes) once written to the spill folder
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of a and b."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 class StateCache:
@@ -50,7 +62,7 @@ class StateCache:
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.model, self.model_name = model, model_name
-        self.root = _Node(None, None, 0)
+        self.root = _Node(None, np.zeros(0, np.int32), 0)
         self.lru: OrderedDict[int, tuple[_Node, int]] = OrderedDict()  # id(node) -> (node, bytes)
         self.spill_lru: OrderedDict[int, _Node] = OrderedDict()
         self.nbytes = self.spilled_nbytes = 0
@@ -66,18 +78,14 @@ class StateCache:
         """Keep a snapshot of `cache` (which has consumed exactly `tokens`)."""
         if not tokens or self.max_bytes <= 0:
             return
-        node = self.root
-        for t in tokens:
-            nxt = node.children.get(t)
-            if nxt is None:
-                nxt = node.children[t] = _Node(node, t, node.depth + 1)
-            node = nxt
+        node = self._node_at(np.asarray(tokens, dtype=np.int32))
         if node.snapshot is not None:
             self.lru.move_to_end(id(node))
             return
         snap = [c.copy() for c in cache]
         size = cache_nbytes(snap)
         if size > self.max_bytes:
+            self._prune(node)
             return
         node.snapshot = snap
         self.lru[id(node)] = (node, size)
@@ -112,31 +120,58 @@ class StateCache:
         node.spilled = None
         self.spilled_nbytes -= size
 
+    def _node_at(self, tokens: np.ndarray) -> _Node:
+        """The node ending exactly at `tokens`, made (splitting an edge) if needed."""
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(int(tokens[i]))
+            if child is None:
+                new = _Node(node, tokens[i:].copy(), len(tokens))
+                node.children[int(tokens[i])] = new
+                return new
+            n = _common(child.edge, tokens[i:])
+            if n < len(child.edge):  # split the edge: a node for the shared part
+                mid = _Node(node, child.edge[:n].copy(), node.depth + n)
+                node.children[int(tokens[i])] = mid
+                child.edge, child.parent = child.edge[n:].copy(), mid
+                mid.children[int(child.edge[0])] = child
+                child = mid
+            node, i = child, i + n
+        return node
+
     def _prune(self, node: _Node) -> None:
-        """Remove nodes that hold nothing and lead to nothing."""
-        while node is not self.root and node.snapshot is None and node.spilled is None and not node.children:
+        """Remove nodes that hold nothing and lead to nothing; merge a bare node into its only child."""
+        while node is not self.root and node.snapshot is None and node.spilled is None and len(node.children) <= 1:
             parent = node.parent
-            del parent.children[node.token]
+            key = int(node.edge[0])
+            if node.children:
+                (child,) = node.children.values()
+                child.edge, child.parent = np.concatenate([node.edge, child.edge]), parent
+                parent.children[key] = child
+                return
+            del parent.children[key]
             node = parent
 
     @staticmethod
     def _tokens(node: _Node) -> list[int]:
-        out = []
+        edges = []
         while node.parent is not None:
-            out.append(node.token)
+            edges.append(node.edge)
             node = node.parent
-        return out[::-1]
+        return np.concatenate(edges[::-1]).tolist() if edges else []
 
     # ---- reading
 
     def lookup(self, tokens: list[int]) -> tuple[int, list | None]:
         """The longest snapshot whose ids are a proper prefix of `tokens` (at least one token is
         left to prefill, for the logits): (its length, copies of its caches) or (0, None)."""
-        node, best = self.root, None
-        for t in tokens[:-1]:
-            node = node.children.get(t)
-            if node is None:
+        node, best, i = self.root, None, 0
+        prefix = np.asarray(tokens[:-1], dtype=np.int32)
+        while i < len(prefix):
+            child = node.children.get(int(prefix[i]))
+            if child is None or _common(child.edge, prefix[i:]) < len(child.edge):
                 break
+            node, i = child, i + len(child.edge)
             if node.snapshot is not None or node.spilled is not None:
                 best = node
         if best is None:
@@ -167,4 +202,4 @@ class StateCache:
             self._drop_spilled(node)
         self.lru.clear()
         self.spill_lru.clear()
-        self.root, self.nbytes = _Node(None, None, 0), 0
+        self.root, self.nbytes = _Node(None, np.zeros(0, np.int32), 0), 0
