@@ -163,7 +163,7 @@ def median_time(fn, repeats: int) -> float:
 
 def measure(repeats: int, prefill_tokens: list[int]) -> dict | None:
     """On a Mac: the real thing beside its roofline, both Metal routes over a sweep of T (where
-    they cross is kimi_mlx.kda.metal.CHUNK_MIN_T). None where Metal is unavailable."""
+    they cross would wire the chunk route, kimi_mlx/kda/metal.py). None where Metal is unavailable."""
     import mlx.core as mx
     import numpy as np
 

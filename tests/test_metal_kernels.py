@@ -99,14 +99,15 @@ def test_metal_sources_are_complete():
 @pytest.mark.parametrize("T, Dk, Dv", cases(
     (1, 32, 32), (1, 128, 128), (63, 64, 64), (64, 32, 32), (65, 128, 128), (300, 32, 32), (65, 64, 32)))
 def test_metal_decode_kernel_matches_naive(T, Dk, Dv):
-    """kda_decode alone: kda_metal's route for every T until CHUNK_MIN_T is set."""
+    """kda_decode alone: kda_metal's route for every T (the chunk route is not wired)."""
     check(backend().decode(*inputs(T, Dk, Dv)), (T, Dk, Dv))
 
 
 @pytest.mark.parametrize("T, Dk, Dv", cases(
     (64, 32, 32), (65, 64, 64), (300, 32, 32), (300, 64, 64), (300, 128, 128), (130, 64, 32)))
 def test_metal_chunk_kernels_match_naive(T, Dk, Dv):
-    """The chunk route: kda_chunk_ut + kda_chunk_state around MLX matmuls."""
+    """The chunk route (kernels kept as the candidate, not wired): kda_chunk_ut + kda_chunk_state
+    around MLX matmuls."""
     check(backend().prefill(*inputs(T, Dk, Dv)), (T, Dk, Dv))
 
 
@@ -119,8 +120,7 @@ def test_metal_chunk_route_carries_state_across_segments(monkeypatch):
     (1, 64, 64, mx.float32, False), (63, 32, 32, mx.float32, True), (65, 64, 64, mx.bfloat16, True),
     (5, 64, 64, mx.bfloat16, False), (300, 64, 64, mx.bfloat16, True)))
 def test_metal_route_matches_naive(T, Dk, Dv, dtype, init, monkeypatch):
-    """MetalKDA's own routing with the chunk route from 64 tokens, bf16, no initial state."""
-    monkeypatch.setattr(metal, "CHUNK_MIN_T", 64)
+    """MetalKDA's own entry point (kda_decode for every T), bf16, no initial state."""
     check(backend()(*inputs(T, Dk, Dv, dtype, init)), (T, Dk, Dv, dtype, init))
 
 
@@ -235,7 +235,7 @@ def test_metal_api_falls_back_once_when_self_check_fails(emulated):
 
 
 def test_metal_api_mode_metal_raises_instead_of_falling_back(emulated):
-    emulated(planted("kda_chunk_ut", "acc -= L[t][j] * x[j]", "acc += L[t][j] * x[j]"))
+    emulated(planted("kda_decode", "- kv * rk", "+ kv * rk"))
     metal.set_kernel_mode("metal")
     with pytest.raises(RuntimeError, match="kernels forced .* self-check failed"):
         metal.kda_metal(*inputs(5, 32, 32))

@@ -18,12 +18,12 @@ Which parts are kernels, and why:
       - `kda_chunk_state`: the pass that carries the fp32 state from chunk to chunk, the state
         in threadgroup memory. In MLX ops it is a Python loop of 7 ops per chunk that streams
         the 2 MB state through memory 5 times per chunk (bench/bench_kda_roofline.py).
-Which route runs for T tokens: CHUNK_MIN_T. The roofline (bench/bench_kda_roofline.py) has
-the chunk route moving ~9x the bytes of the recurrent kernel per 64 tokens at batch 1 (its MLX
-steps pass fp32 [C, D] tensors through memory), while the recurrent kernel is bound by the
-latency of its T sequential steps instead; a roofline cannot say which is faster. Until a Mac
-measurement (`bench_kda_roofline.py --measure`) sets CHUNK_MIN_T, kda_decode runs for every T.
-Both routes are self-checked, so setting it is safe.
+Which route runs: kda_decode, for every T. The chunk route (`MetalKDA.prefill`) is NOT wired:
+no measurement has shown it faster (the roofline, bench/bench_kda_roofline.py, has it moving ~9x
+the bytes of the recurrent kernel per 64 tokens at batch 1; the recurrent kernel is bound by its
+T sequential steps instead). Its kernels stay, tested on the CPU emulator and timed as CUDA by
+bench/gpu/run_kernels.py, as the candidate; wire it (and self-check it) once a Mac or GPU
+measurement shows it winning. Until then the runtime never runs or self-checks it.
 Every kernel is run in the test suite on the CPU (tests/metal_emu) against kda_naive. On a
 Mac, each kernel configuration is checked once per process against kda_naive on a small input
 before first use; if it fails or does not compile, one warning and the ops path.
@@ -64,9 +64,6 @@ ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
 _switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for check_environment
 CHUNK = 64  # chunk length of the prefill form
-# From this many tokens kda_metal takes the chunk route, below it kda_decode; None: kda_decode
-# always. See the module docstring: to be set from `bench_kda_roofline.py --measure` on a Mac.
-CHUNK_MIN_T: int | None = None
 SEGMENT = 64 * CHUNK  # prefill tokens per round of chunk kernels: bounds the per-chunk buffers
 DECODE_THREADS, DECODE_ROWS = 128, 32  # as in kda_decode.metal
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
@@ -214,9 +211,7 @@ class MetalKDA:
         state = mx.zeros((B, H, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
         if T == 0:
             return mx.zeros((B, 0, H, Dv), dtype=v.dtype), state
-        if CHUNK_MIN_T is not None and T >= CHUNK_MIN_T:
-            return self.prefill(q, k, v, g, beta, state)
-        return self.decode(q, k, v, g, beta, state)
+        return self.decode(q, k, v, g, beta, state)  # the only wired route (module docstring)
 
     def step(self, q, k, v, f, b, A_log, dt_bias, state=None):
         """kda_metal_step's contract (fused prologue), any T."""
@@ -228,8 +223,8 @@ class MetalKDA:
         return self.decode(q, k, v, f, b, state, A_log.reshape(H), dt_bias.reshape(H * Dk))
 
     def self_check(self, H: int, Dk: int, Dv: int, qk_dtype, v_dtype) -> str | None:
-        """Each kernel configuration against kda_naive on a small random input (both routes and
-        the fused step; q, k (and the step's f, b) in qk_dtype, v in v_dtype, which with the
+        """Each kernel configuration against kda_naive on a small random input (kda_decode at 3
+        and 69 tokens, and the fused step; q, k (and the step's f, b) in qk_dtype, v in v_dtype, which with the
         sizes pick the compiled instance). Returns None when all agree, else what went wrong."""
         rng = np.random.default_rng(0)
         tol = max(CHECK_TOL.get(qk_dtype, 2e-2), CHECK_TOL.get(v_dtype, 2e-2))
@@ -241,8 +236,7 @@ class MetalKDA:
                 q, k, g, beta = prologue_ops(qr, kr, f, b, A_log, dt_bias)
                 q, k, v = q.astype(qk_dtype), k.astype(qk_dtype), v.astype(v_dtype)
                 ref = kda_naive(q, k, v, g, beta, state)
-                route = self.decode if T < CHUNK else self.prefill  # both routes, whatever CHUNK_MIN_T says
-                runs = {"kda_metal": route(q, k, v, g, beta, state)}
+                runs = {"kda_metal": self.decode(q, k, v, g, beta, state)}  # the route kda_metal runs
                 if T < CHUNK:
                     qs, ks, fs, bs = (x.astype(qk_dtype) for x in (qr, kr, f, b))
                     runs["kda_metal_step"] = self.step(qs, ks, v, fs, bs, A_log, dt_bias, state)
