@@ -195,6 +195,7 @@ def test_queue_full_is_429(demo):
     s.engine.stop(drain=False)  # the loop exits; the thread is restarted by nobody
     s.engine.stopping = False
     try:
+        assert s.get("/health")[0] == 503  # the model thread is not running: not healthy
         c = s.client()
         first = c.chat.completions.create(model="demo", messages=CHATS[0], stream=True, max_tokens=4)
         with pytest.raises(openai.RateLimitError):
@@ -409,6 +410,14 @@ def test_one_failing_request_does_not_stop_the_server(live, monkeypatch):
     assert c.completions.create(model="demo", prompt="1+1=", max_tokens=3, temperature=1, seed=1).usage
 
 
+def rss() -> int:
+    """Resident set size of this process in bytes (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def test_soak_memory_stays_bounded(demo):
     """Some hundreds of short requests from 4 threads: MLX active memory after the first 100
     does not grow (the state cache is bounded at 2 MB here, so it keeps evicting)."""
@@ -429,15 +438,23 @@ def test_soak_memory_stays_bounded(demo):
 
         run(25)
         mx.clear_cache()
-        base = mx.get_active_memory()
+        base, rss0 = mx.get_active_memory(), rss()
         run(50)
         mx.clear_cache()
-        grown = mx.get_active_memory() - base
+        grown, rss_grown = mx.get_active_memory() - base, rss() - rss0
         assert s.engine.stats["finished"] >= 300
         assert s.engine.state_cache.nbytes <= 2 << 20
         assert grown < 4 << 20, f"active memory grew by {grown / 2**20:.1f} MiB over 200 requests"
+        assert rss_grown < 32 << 20, f"RSS grew by {rss_grown / 2**20:.1f} MiB over 200 requests"
     finally:
         s.close()
+
+
+def test_cli_serve_bad_model_is_one_line_error(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "cli.py"), "serve", "--model", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "nothing" in r.stderr
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):

@@ -175,7 +175,9 @@ class Server:
     # ---- small endpoints
 
     async def health(self, request: HTTPRequest) -> Response:
-        return JSONResponse({"status": "ok", **self.engine.load})
+        alive = self.engine.thread is not None and self.engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", **self.engine.load},
+                            status_code=200 if alive else 503)
 
     async def models(self, request: HTTPRequest) -> Response:
         try:
