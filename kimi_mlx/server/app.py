@@ -312,10 +312,12 @@ class Server:
         return b.decode("utf-8", errors="replace"), list(b)
 
     def _chat_logprobs(self, ev: Event) -> dict:
-        text, b = self._token_text(ev.token)
-        top = [{"token": t, "logprob": lp, "bytes": tb}
-               for t, lp, tb in ((*self._token_text(i)[:1], lp, self._token_text(i)[1]) for i, lp in ev.top_logprobs or [])]
-        return {"token": text, "logprob": ev.logprob, "bytes": b, "top_logprobs": top}
+        """One token's entry of choices[].logprobs.content (OpenAI's chat format)."""
+        def entry(token: int, logprob: float) -> dict:
+            text, raw = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(i, lp) for i, lp in ev.top_logprobs or []]}
 
     def _usage(self, ev: Event) -> dict:
         u = ev.usage
@@ -324,6 +326,7 @@ class Server:
                 "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
 
     async def _next(self, http: HTTPRequest, req: Request, queue: asyncio.Queue, timeout: float) -> Event | None:
+        """The request's next event, or None after `timeout` seconds without one."""
         try:
             return await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
