@@ -9,6 +9,7 @@ pad mask, moves logprobs by > 0.1).
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,22 @@ def test_radix_trie_finds_the_longest_snapshot_prefix():
     sc.max_bytes = 0
     sc._evict()
     assert len(sc) == 0 and not sc.root.children
+
+
+def test_short_prompt_is_not_held_back_by_a_long_one(demo):
+    """Prefill steps go round robin: a short request submitted after a long one (many steps)
+    gets its first token before the long one's prefill is done."""
+    model, tok = demo
+    order = []
+    eng = Engine(model, tok, prefill_step=16)
+    eng.submit(Request(ids=_ids(160, 1), max_tokens=1, deliver=lambda ev: order.append("long")))
+    eng.submit(Request(ids=_ids(5, 2), max_tokens=1, deliver=lambda ev: order.append("short")))
+    eng.start()
+    try:
+        for _ in range(600):
+            if len(order) == 2:
+                break
+            time.sleep(0.05)
+    finally:
+        eng.stop()
+    assert order == ["short", "long"]

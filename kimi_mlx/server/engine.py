@@ -4,7 +4,7 @@ One thread owns the model. Each turn of its loop it
   1. drops cancelled requests (a client that went away frees its row at once),
   2. admits waiting requests while the batch has room (`max_batch` rows prefilling or decoding;
      beyond that `max_queue` requests wait, and more are refused with QueueFull -> HTTP 429),
-  3. runs one prefill step (at most `prefill_step` tokens) of the oldest admitted request, alone
+  3. runs one prefill step (at most `prefill_step` tokens) of an admitted request (round robin), alone
      (B = 1, no padding: its logits are a single request's), from the longest state-cache
      snapshot that prefixes its prompt, snapshotting at the message boundaries it was given,
   4. runs one decode step for every decoding row at once: the rows' caches are merged into one
@@ -222,6 +222,7 @@ class Engine:
             if self.state_cache is not None and end in req.snapshot_at:
                 self.state_cache.insert(req.ids[:end], req.cache)
             if end < len(req.ids):
+                self.prefilling.rotate(-1)  # round robin: a long prompt does not hold back short ones
                 return
             self.prefilling.popleft()
             req.reply = ReplyText(self.tokenizer, req.max_tokens, req.stop)
@@ -235,8 +236,8 @@ class Engine:
                 self.rows.append(req)
                 req.cache = None
         except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
-            if self.prefilling and self.prefilling[0] is req:
-                self.prefilling.popleft()
+            if req in self.prefilling:
+                self.prefilling.remove(req)
             log.error("prefill failed:\n%s", traceback.format_exc())
             self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
 
