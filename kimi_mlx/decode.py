@@ -28,7 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KDACache
-from .kda import get_kda_path
+from .kda import get_kda_path, kda_update
+from .kda_layer import _gated, l2_normalize
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 
@@ -89,18 +90,14 @@ def _run(layer, kind: str, x: mx.array, build, *args):
         return None
 
 
-class FusedLinears:
-    """Linears that read the same input, run as ONE matmul over their weights concatenated along
-    the outputs (a decode step's GEMVs are launch-bound: 6 -> 2 per KDA layer). The concatenation
-    is made once; the linears' own weights then become row slices of it (views: no extra memory),
-    and it is made again if any of them is replaced (new weights loaded). Quantized linears must
-    share bits, group size and mode; none may have a bias."""
+class FusedParams:
+    """Parameters of several modules concatenated along their first axis, made once; the modules'
+    own parameters then become row slices of it (views: no extra memory), and it is made again if
+    any of them is replaced (new weights loaded)."""
 
-    def __init__(self, linears: list):
-        self.linears = linears
-        self.sizes = [lin.weight.shape[0] for lin in linears]
-        self.names = ["weight"] + (["scales"] + (["biases"] if "biases" in linears[0] else [])
-                                   if isinstance(linears[0], nn.QuantizedLinear) else [])
+    def __init__(self, modules: list, names: list[str]):
+        self.linears, self.names = modules, names
+        self.sizes = [m[names[0]].shape[0] for m in modules]
         self._ids: tuple | None = None
         self._arrays: list[mx.array] = []
 
@@ -129,25 +126,67 @@ class FusedLinears:
             self._ids = tuple(id(lin[n]) for lin in self.linears for n in self.names)
         return self._arrays
 
-    def __call__(self, x: mx.array, arrays: list[mx.array]) -> list[mx.array]:
-        """x [..., in] -> one output per linear, with `arrays` (from .arrays(), passed into the trace)."""
+
+class FusedLinears(FusedParams):
+    """Linears that read the same input, run as ONE matmul over their concatenated weights (a
+    decode step's GEMVs are launch-bound: 6 -> 2 per KDA layer). Quantized linears must share
+    bits, group size and mode; none may have a bias."""
+
+    def __init__(self, linears: list):
+        super().__init__(linears, ["weight"] + (["scales"] + (["biases"] if "biases" in linears[0] else [])
+                                               if isinstance(linears[0], nn.QuantizedLinear) else []))
+
+    def matmul(self, x: mx.array, arrays: list[mx.array]) -> mx.array:
+        """x [..., in] -> all outputs side by side [..., sum of outs] (`arrays` from .arrays(),
+        passed into the trace)."""
         a = self.linears[0]
         if isinstance(a, nn.QuantizedLinear):
-            y = mx.quantized_matmul(x, *arrays, transpose=True, group_size=a.group_size, bits=a.bits, mode=a.mode)
-        else:
-            y = x @ arrays[0].T
+            return mx.quantized_matmul(x, *arrays, transpose=True, group_size=a.group_size, bits=a.bits, mode=a.mode)
+        return x @ arrays[0].T
+
+    def __call__(self, x: mx.array, arrays: list[mx.array]) -> list[mx.array]:
+        """x [..., in] -> one output per linear."""
         cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
-        return mx.split(y, cuts, axis=-1)
+        return mx.split(self.matmul(x, arrays), cuts, axis=-1)
 
 
-def _kda_fusions(layer) -> list[FusedLinears] | None:
-    """The KDA layer's input projections as two fused matmuls (q, k, v; f_a, g_a, b), or None."""
+def _kda_fusions(layer) -> list[FusedParams] | None:
+    """The KDA layer's input projections as two fused matmuls (q, k, v; f_a, g_a, b) and its three
+    short convs as one over 3C channels, or None."""
     if "_decode_fusions" not in layer.__dict__:
         a = layer.self_attn
         groups = [[a.q_proj, a.k_proj, a.v_proj], [a.f_a_proj, a.g_a_proj, a.b_proj]]
-        ok = all(FusedLinears.supported(g) for g in groups)
-        layer.__dict__["_decode_fusions"] = [FusedLinears(g) for g in groups] if ok else None
+        convs = [a.q_conv.conv, a.k_conv.conv, a.v_conv.conv]
+        ok = all(FusedLinears.supported(g) for g in groups) and len({c.weight.dtype for c in convs}) == 1
+        layer.__dict__["_decode_fusions"] = [*map(FusedLinears, groups), FusedParams(convs, ["weight"])] if ok else None
     return layer.__dict__["_decode_fusions"]
+
+
+def _kda_attention(attn, x: mx.array, windows, state, qkv: mx.array, fgb, conv_w: mx.array):
+    """KimiDeltaAttention's decode step (T = 1, no padding) on fused inputs: the eager layer's math
+    (kda_layer.py, the reference), with the three convs as one over 3C channels and the q, k L2
+    norms as one. qkv: [B, 1, 3C] fused projection; fgb: (f_a, g_a, b) outputs; conv_w: [3C, K, 1].
+    Returns (output [B, 1, hidden], windows 3 x [B, K-1, C], state)."""
+    B, T, _ = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    C, K = H * D, conv_w.shape[1]
+    xs = mx.concatenate([mx.concatenate(windows, axis=-1), qkv], axis=1)  # [B, K, 3C]
+    w = conv_w[:, :, 0]  # [3C, K]
+    out = xs[:, 0:T] * w[:, 0]
+    for j in range(1, K):
+        out = out + xs[:, j:j + T] * w[:, j]
+    out = nn.silu(out)  # [B, 1, 3C]
+    qk = l2_normalize(out[..., : 2 * C].reshape(B, T, 2 * H, D))  # [B, 1, 2H, D] fp32
+    q, k = qk[:, :, :H] * (D**-0.5), qk[:, :, H:]
+    v = out[..., 2 * C:].reshape(B, T, H, D)
+    fa, ga, bx = fgb
+    g = attn.forget_gate(x, fa)
+    beta = mx.sigmoid(bx.astype(mx.float32))
+    o, state = kda_update(q, k, v, g, beta, state)
+    gate = attn.g_b_proj(ga).reshape(B, T, H, D)
+    o = mx.fast.rms_norm(o.astype(mx.float32), attn.o_norm.weight.astype(mx.float32), attn.o_norm.eps)
+    o = _gated(o, gate.astype(x.dtype))
+    return attn.o_proj(o.reshape(B, T, C)), mx.split(xs[:, T:], 3, axis=-1), state
 
 
 def _mlp_fusion(layer) -> FusedLinears | None:
@@ -174,16 +213,20 @@ def _kda_step(layer):
     fusions, mlp_fusion = _kda_fusions(layer), _mlp_fusion(layer)
 
     def step(x, wq, wk, wv, state, *fused):
-        c = KDACache()
-        c.conv, c.recurrent = [wq, wk, wv], state
         h_in = layer.input_layernorm(x)
-        proj, i = None, 0
-        if fusions is not None:
+        if fusions is None:  # the layer's own code
+            c = KDACache()
+            c.conv, c.recurrent = [wq, wk, wv], state
+            h, i = x + layer.self_attn(h_in, None, c), 0
+            windows, state = c.conv, c.recurrent
+        else:
             n0, n1 = len(fusions[0].names), len(fusions[1].names)
-            proj = (*fusions[0](h_in, fused[:n0]), *fusions[1](h_in, fused[n0:n0 + n1]))
-            i = n0 + n1
-        h = x + layer.self_attn(h_in, None, c, proj=proj)
-        return (_mlp_half(layer, h, mlp_fusion, fused[i:]), *c.conv, c.recurrent)
+            qkv = fusions[0].matmul(h_in, fused[:n0])
+            fgb = fusions[1](h_in, fused[n0:n0 + n1])
+            y, windows, state = _kda_attention(layer.self_attn, h_in, [wq, wk, wv], state, qkv, fgb,
+                                               fused[n0 + n1])
+            h, i = x + y, n0 + n1 + 1
+        return (_mlp_half(layer, h, mlp_fusion, fused[i:]), *windows, state)
 
     return step
 
