@@ -333,11 +333,13 @@ def test_follow_up_turn_prefills_only_new_tokens(live, demo):
     turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "reverse abc"}]
     r2 = c.chat.completions.create(model="demo", messages=turn2, temperature=0, max_tokens=20)
     ids2 = tok.apply_chat_template(turn2)
-    # what the first request consumed (its prompt, its reply without the final eos) is a prefix of
-    # the second prompt, token for token, and that much was not prefilled again
-    consumed = r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
-    assert ids2[:r1.usage.prompt_tokens] == tok.apply_chat_template(turn1)
-    assert r2.usage.prompt_tokens_details.cached_tokens == consumed
+    # what the first request consumed (its prompt and its whole reply, <|im_end|> included) is the
+    # rendered history, token for token, and that much was not prefilled again
+    assert r1.choices[0].finish_reason == "stop"
+    history = tok.apply_chat_template(turn1 + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+    assert r1.usage.prompt_tokens + r1.usage.completion_tokens == len(history)
+    assert ids2[:len(history)] == history
+    assert r2.usage.prompt_tokens_details.cached_tokens == len(history)
     assert r2.choices[0].message.content == reference(demo, turn2, 20)
 
 

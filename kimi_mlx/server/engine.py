@@ -78,6 +78,8 @@ class Request:
     pos: int = 0  # prompt tokens consumed by cache
     cached_tokens: int = 0  # of them, restored from the state cache
     pending: int | None = None  # sampled, not yet fed to the model
+    fed: int = 0  # generated tokens fed to the model (a launched step counts)
+    done: bool = False  # finished, failed or cancelled: results still in flight are dropped
     generated: list[int] = field(default_factory=list)
     reply: ReplyText | None = None
     sampler: RowSampler | None = None
@@ -86,6 +88,12 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+@dataclass
+class _Step:
+    rows: list[Request]  # the batch rows of the step, in order
+    lazy: tuple  # (tokens [B], chosen logprobs [B] | None, top | None), maybe not evaluated yet
 
 
 class Engine:
@@ -99,6 +107,7 @@ class Engine:
         self.prefilling: deque[Request] = deque()
         self.rows: list[Request] = []  # decode batch, in cache row order
         self.batch_cache: list | None = None
+        self.inflight: _Step | None = None  # the decode step launched last, its tokens not yet delivered
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -150,9 +159,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not (self.waiting or self.prefilling or self.rows or self.stopping):
+                while not (self.waiting or self.prefilling or self.rows or self.inflight or self.stopping):
                     self.cond.wait()
-                if self.stopping and not (self.waiting or self.prefilling or self.rows):
+                if self.stopping and not (self.waiting or self.prefilling or self.rows or self.inflight):
                     return
             try:
                 self._drop_cancelled()
@@ -163,14 +172,16 @@ class Engine:
                 log.error("engine step failed:\n%s", traceback.format_exc())
 
     def _finish(self, req: Request, ev: Event, cache: list | None) -> None:
+        req.done = True
         if cache is not None and req.snapshot_reply and self.state_cache is not None:
-            consumed = req.ids + req.generated[:-1]  # the last sampled token was never fed
+            consumed = req.ids + req.generated[:req.fed]  # tokens the cache has consumed
             self.state_cache.insert(consumed, cache)
         self.stats["finished"] += 1
         req.cache = None
         req.deliver(ev)
 
     def _fail(self, req: Request, message: str) -> None:
+        req.done = True
         self.stats["failed"] += 1
         req.cache = None
         req.deliver(Event(finish_reason="error", error=message))
@@ -183,6 +194,8 @@ class Engine:
                     q.remove(r)
                     r.cache = None
                     self.stats["cancelled"] += 1
+        for r in self.rows:
+            r.done = r.done or r.cancelled
         keep = [i for i, r in enumerate(self.rows) if not r.cancelled]
         if len(keep) < len(self.rows):
             self.stats["cancelled"] += len(self.rows) - len(keep)
@@ -229,8 +242,8 @@ class Engine:
             if req.ignore_eos:
                 req.reply.eos = set()
             req.sampler = RowSampler(req.sampling)
-            tokens, logprobs = self._sample([req], logits[:, -1])
-            if not self._emit(req, tokens[0], logprobs[0], req.cache):
+            ((token, lp),) = self._sample([req], logits[:, -1])
+            if not self._emit(req, token, lp, req.cache):
                 cache = req.cache
                 self.batch_cache = cache if self.batch_cache is None else merge_caches([self.batch_cache, cache])
                 self.rows.append(req)
@@ -242,33 +255,70 @@ class Engine:
             self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
 
     def _decode_step(self) -> None:
-        if not self.rows:
-            return
+        """Launch the next decode step for every row (asynchronously), then deliver the tokens of
+        the step launched before it: the host's work (graph building, text, delivery) overlaps
+        the device's. A row that finishes on a delivered token was already fed it by the new
+        step; it leaves the batch now and its snapshot includes that token."""
+        prev, self.inflight = self.inflight, None
         try:
-            inputs = mx.array([[r.pending] for r in self.rows], dtype=mx.int32)  # [B, 1]
-            logits = self.model(inputs, cache=self.batch_cache)[:, -1]  # [B, V]
-            tokens, logprobs = self._sample(self.rows, logits)
-            self.stats["decode_steps"] += 1
+            if self.rows:
+                self.inflight = self._launch(prev)
         except Exception as e:  # noqa: BLE001 - these rows fail, the server goes on
             log.error("decode step failed:\n%s", traceback.format_exc())
-            for r in self.rows:
-                self._fail(r, f"decode failed: {type(e).__name__}: {e}")
-            self.rows, self.batch_cache = [], None
+            self._fail_batch(f"decode failed: {type(e).__name__}: {e}", prev)
             return
-        keep = []
-        for i, r in enumerate(self.rows):
+        if prev is None:
+            return
+        try:
+            results = self._read(prev.rows, prev.lazy)
+        except Exception as e:  # noqa: BLE001
+            log.error("decode step failed:\n%s", traceback.format_exc())
+            self._fail_batch(f"decode failed: {type(e).__name__}: {e}", prev)
+            return
+        index = {id(r): i for i, r in enumerate(self.rows)}
+        finished = set()
+        for r, (token, lp) in zip(prev.rows, results):
+            if r.done:
+                continue
             try:
-                done = self._emit(r, tokens[i], logprobs[i], None, row=i)
+                if self._emit(r, token, lp, None, row=index[id(r)]):
+                    finished.add(id(r))
             except Exception as e:  # noqa: BLE001
                 log.error("emit failed:\n%s", traceback.format_exc())
                 self._fail(r, f"{type(e).__name__}: {e}")
-                done = True
-            if not done:
-                keep.append(i)
-        self._keep_rows(keep)
+                finished.add(id(r))
+        if finished:
+            self._keep_rows([i for i, r in enumerate(self.rows) if id(r) not in finished])
+
+    def _launch(self, prev: "_Step | None") -> "_Step":
+        """Queue one decode step of all rows: each feeds the token the previous step sampled for
+        it (still lazy) or, having just joined, the first token of its reply."""
+        if prev is not None and [id(r) for r in prev.rows] == [id(r) for r in self.rows]:
+            inputs = prev.lazy[0]
+        else:
+            where = {} if prev is None else {id(r): i for i, r in enumerate(prev.rows)}
+            inputs = mx.concatenate([prev.lazy[0][where[id(r)]:where[id(r)] + 1] if id(r) in where
+                                     else mx.array([r.pending], dtype=mx.int32) for r in self.rows])
+        logits = self.model(inputs[:, None], cache=self.batch_cache)[:, -1]  # [B, V]
+        lazy = self._sample_lazy(self.rows, logits)
+        mx.async_eval(*(a for a in lazy if a is not None), *[c.state for c in self.batch_cache])
+        for r in self.rows:
+            r.fed += 1
+        self.stats["decode_steps"] += 1
+        return _Step(list(self.rows), lazy)
+
+    def _fail_batch(self, message: str, prev: "_Step | None") -> None:
+        for r in {id(r): r for r in [*self.rows, *(prev.rows if prev else [])]}.values():
+            if not r.done:
+                self._fail(r, message)
+        self.rows, self.batch_cache, self.inflight = [], None, None
 
     def _sample(self, reqs: list[Request], logits: mx.array):
-        """logits [B, V] -> per row (token, (logprob, top [(id, logprob)] | None))."""
+        """logits [B, V] -> per row (token, (logprob | None, top [(id, logprob)] | None))."""
+        return self._read(reqs, self._sample_lazy(reqs, logits))
+
+    def _sample_lazy(self, reqs: list[Request], logits: mx.array):
+        """logits [B, V] -> (tokens [B] int32, chosen logprobs [B] | None, (top ids, top logprobs) [B, k] | None)."""
         logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [B, V]
         tokens = mx.argmax(logprobs, axis=-1)  # [B]: one op for every greedy row
@@ -276,25 +326,29 @@ class Engine:
             tokens = mx.concatenate([tokens[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1])
                                      for i, r in enumerate(reqs)])
         tokens = tokens.astype(mx.int32)
-        wanted = [tokens]
+        chosen = top = None
         if any(r.top_logprobs is not None for r in reqs):
-            wanted.append(mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0])  # [B] chosen
+            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
         k = max((r.top_logprobs or 0) for r in reqs)
-        top = None
         if k > 0:
             top_ids = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]  # [B, k]
             top = (top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1))
-        mx.eval(*wanted, *(top or ()))
+        return tokens, chosen, top
+
+    @staticmethod
+    def _read(reqs: list[Request], lazy) -> list[tuple[int, tuple]]:
+        """Wait for a sampled step; per row (token, (logprob | None, top [(id, logprob)] | None))."""
+        tokens, chosen, top = lazy
         tokens_l = tokens.tolist()
-        chosen_l = wanted[1].tolist() if len(wanted) > 1 else [None] * len(reqs)
+        chosen_l = chosen.tolist() if chosen is not None else [None] * len(reqs)
+        top_l = (top[0].tolist(), top[1].tolist()) if top is not None else None
         out = []
         for i, r in enumerate(reqs):
             top_i = None
             if r.top_logprobs:
-                pairs = sorted(zip(top[0][i].tolist(), top[1][i].tolist()), key=lambda p: -p[1])
-                top_i = pairs[: r.top_logprobs]
-            out.append((chosen_l[i], top_i))
-        return tokens_l, out
+                top_i = sorted(zip(top_l[0][i], top_l[1][i]), key=lambda p: -p[1])[: r.top_logprobs]
+            out.append((tokens_l[i], (chosen_l[i], top_i)))
+        return out
 
     def _emit(self, req: Request, token: int, lp, cache: list | None, row: int | None = None) -> bool:
         """Deliver one sampled token; True when the request is finished (and delivered its end)."""
@@ -312,7 +366,7 @@ class Engine:
             return False
         ev.usage = dict(prompt_tokens=len(req.ids), completion_tokens=len(req.generated),
                         cached_tokens=req.cached_tokens)
-        if cache is None and self.state_cache is not None and req.snapshot_reply and len(req.generated) > 1:
+        if cache is None and self.state_cache is not None and req.snapshot_reply and req.fed > 0:
             cache = extract_row(self.batch_cache, row)
         self._finish(req, ev, cache)
         return True
