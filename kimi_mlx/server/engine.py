@@ -10,6 +10,8 @@ One thread owns the model. Each turn of its loop it
   4. runs one decode step for every decoding row at once: the rows' caches are merged into one
      batched cache (kimi_mlx/server/batch_cache.py: KDA states concatenated, MLA latents
      left-padded with a key mask), a row joins after its prefill and leaves when it finishes.
+     Steps are pipelined: step k+1 is queued (async_eval) on step k's still-lazy tokens before
+     step k's tokens are read and delivered, so host work overlaps the compute.
 So a long prompt never stalls the decoding rows for more than one prefill step, and rows of
 different lengths decode together. Each request's tokens, text (kimi_mlx.generate.ReplyText:
 detokenizer, eos, max_tokens, stop strings) and logprobs go to its `deliver` callback as
