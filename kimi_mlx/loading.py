@@ -169,8 +169,11 @@ def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
     return out
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
-    """Read a model folder (config.json + safetensors) into a ready Model (weights evaluated)."""
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, prepare=None) -> Model:
+    """Read a model folder (config.json + safetensors) into a ready Model (weights evaluated).
+
+    prepare(model): runs on the model with its weights loaded but not yet read from disk (lazy),
+    e.g. kimi_mlx.parallel splitting it across ranks, so only what it keeps is ever read."""
     from .model import Model  # here: the model's modules import mlx-lm (seconds), which plan/info do not need
     from .switch import check_environment  # the model modules declared their path variables
 
@@ -184,6 +187,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
         _quantize_like_checkpoint(model, args, weights)
     _check_names_and_shapes(model, weights, origin, folder)
     model.load_weights(list(cast_weights(weights, dtype).items()), strict=True)
+    del weights  # the model holds what it needs: a prepare step must be able to drop tensors
+    if prepare is not None:
+        prepare(model)
     mx.eval(model.parameters())
     model.eval()
     return model

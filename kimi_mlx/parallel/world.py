@@ -1,0 +1,180 @@
+"""The ranks of a run started by `mlx.launch`: joining them, agreeing, and failing in one line.
+
+Everything goes through mx.distributed (ring over TCP/Thunderbolt, JACCL, MPI, NCCL on CUDA;
+mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
+  * join_world(): mx.distributed.init with a connection deadline. The ring backend waits for
+    missing peers forever and holds the GIL meanwhile (a Python timer never runs), so a forked
+    watchdog process ends this rank with one line when the deadline passes;
+  * rank 0 is the one that talks to the user: the others' stdout is dropped and their stderr
+    keeps only the CLI's `error:` lines (mlx.launch prints every rank's output);
+  * checkpoint_fingerprint / check_same_checkpoint: every rank must load the same weights;
+  * broadcast_token: rank 0's sampled token, so every rank continues the same sequence;
+  * peer_error(): a lost connection (a rank that died) as one KimiError line instead of a
+    traceback (the backend raises RuntimeError "[ring] connection to a peer was lost").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import sys
+from pathlib import Path
+
+from ..errors import KimiError
+
+CONNECT_TIMEOUT_ENV = "KIMI_MLX_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT_S = 120.0
+LAUNCH_VARS = ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR")
+
+
+class RankError(KimiError):
+    """A failure of the group of ranks (a peer lost, ranks that disagree): one line naming the rank."""
+
+
+def launched() -> bool:
+    """True when this process was started as one rank of several (mlx.launch, mpirun)."""
+    return any(v in os.environ for v in LAUNCH_VARS)
+
+
+def connect_timeout() -> float:
+    value = os.environ.get(CONNECT_TIMEOUT_ENV, str(DEFAULT_CONNECT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise KimiError(f"{CONNECT_TIMEOUT_ENV}={value!r}: give the seconds to wait for the other ranks (> 0)")
+    return seconds
+
+
+def join_world(timeout: float | None = None):
+    """The group of all ranks (mx.distributed.init); a group of 1 when not launched as ranks.
+
+    A peer that does not connect within `timeout` seconds ($KIMI_MLX_CONNECT_TIMEOUT, 120)
+    ends this process with one `error:` line and SIGTERM (the backend itself would wait forever)."""
+    import mlx.core as mx
+
+    if not launched():
+        return mx.distributed.init()
+    timeout = connect_timeout() if timeout is None else timeout
+    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    stop = _watchdog(timeout, f"error: rank {rank}: the other ranks did not connect within {timeout:g} s; "
+                              f"check the hostfile, that every host runs the same command, and the firewall "
+                              f"({CONNECT_TIMEOUT_ENV} sets the wait)\n")
+    try:
+        group = mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise RankError(f"rank {rank}: cannot join the other ranks ({' '.join(str(e).split())})") from None
+    finally:
+        stop()
+    if group.size() > 1 and group.rank() != 0:
+        _quiet(group.rank())
+    return group
+
+
+def _watchdog(timeout: float, message: str):
+    """Fork a process that, unless stopped within `timeout` s, writes `message` to stderr and
+    ends this process. Returns stop(). The child only waits on a pipe: no MLX in it."""
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the watchdog
+        os.close(write_end)
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if not ready:  # the parent neither finished nor died: it hangs in init
+            os.write(2, message.encode())
+            try:
+                os.kill(parent, 15)
+            except ProcessLookupError:
+                pass
+        os._exit(0)
+    os.close(read_end)
+
+    def stop():
+        os.close(write_end)  # EOF: the watchdog exits
+        os.waitpid(pid, 0)
+
+    return stop
+
+
+class _ErrorsOnly:
+    """stderr of ranks other than 0: only the CLI's `error:` lines pass, prefixed by the rank."""
+
+    def __init__(self, stream, rank: int):
+        self.stream, self.rank, self.pending = stream, rank, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith("error: "):
+                self.stream.write(f"error: rank {self.rank}: {line[len('error: '):]}\n")
+                self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _quiet(rank: int) -> None:
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    sys.stderr = _ErrorsOnly(sys.__stderr__, rank)
+
+
+def checkpoint_fingerprint(folder: Path) -> bytes:
+    """16 bytes that differ between checkpoints: config.json, each safetensors file's name,
+    size and header, and its first and last 64 KiB of data (reading 98 GB to hash is not an option)."""
+    from ..loading import safetensors_files
+
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in safetensors_files(folder):
+        size = path.stat().st_size
+        h.update(json.dumps([path.name, size]).encode())
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, size)))
+            h.update(f.read(1 << 16))
+            f.seek(max(8 + n, size - (1 << 16)))
+            h.update(f.read(1 << 16))
+    return h.digest()[:16]
+
+
+def check_same_checkpoint(group, folder: Path) -> None:
+    """Refuse to go on unless every rank's checkpoint has the same fingerprint (RankError on
+    every rank, naming the ranks that differ from rank 0)."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return
+    mine = mx.array(list(checkpoint_fingerprint(folder)), dtype=mx.int32)  # [16]
+    every = mx.distributed.all_gather(mine[None], group=group)  # [N, 16]
+    differ = [r for r, row in enumerate(every.tolist()) if row != every[0].tolist()]
+    if differ:
+        raise RankError(f"rank {group.rank()}: ranks {differ} hold a different checkpoint than rank 0 "
+                        f"({folder} here); copy the same model folder to every host")
+
+
+def broadcast_token(token, group):
+    """Rank 0's token on every rank: samplers draw from each rank's own random state, so ranks
+    would drift apart at temperature > 0 (and float sums may differ in the last bit)."""
+    import mlx.core as mx
+
+    if group is None or group.size() == 1:
+        return token
+    mine = token if group.rank() == 0 else mx.zeros_like(token)
+    return mx.distributed.all_sum(mine, group=group)
+
+
+def peer_error(error: BaseException) -> RankError | None:
+    """The backend's 'a peer went away' RuntimeError as one RankError line; None for other errors."""
+    text = " ".join(str(error).split())
+    if isinstance(error, RuntimeError) and ("peer" in text or "connection" in text) and text.startswith("["):
+        rank = os.environ.get("MLX_RANK", "?")
+        return RankError(f"rank {rank}: lost the connection to another rank ({text}); it stopped or its host "
+                         "went away: see that rank's error, then start all ranks again")
+    return None
