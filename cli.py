@@ -28,6 +28,13 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except RuntimeError as e:  # under mlx.launch: a rank that died is one line here, not a traceback
+        from kimi_mlx.parallel import peer_error
+
+        if (lost := peer_error(e)) is None:
+            raise
+        typer.echo(f"error: {lost}", err=True)
+        raise typer.Exit(lost.exit_code) from None
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         raise typer.Exit(141) from None

@@ -56,12 +56,15 @@ sys.modules[__name__].__class__ = _Package
 
 
 def load(path_or_repo: str, dtype=None):
-    """A model folder or hub repo id -> (model, tokenizer)."""
+    """A model folder or hub repo id -> (model, tokenizer). Started as one rank of several
+    (mlx.launch), this rank's share of the model ($KIMI_MLX_PARALLEL: tensor or pipeline)."""
     from .loading import load_model, resolve_model_path
+    from .parallel import launched, load_sharded
     from .tokenizer import load_tokenizer
 
     folder = resolve_model_path(path_or_repo)
-    return load_model(folder, dtype=dtype), load_tokenizer(folder)
+    model = load_sharded(folder, dtype=dtype) if launched() else load_model(folder, dtype=dtype)
+    return model, load_tokenizer(folder)
 
 
 __all__ = [

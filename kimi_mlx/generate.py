@@ -158,6 +158,7 @@ def generate_tokens(
     processors = logits_processors or []
     cache = cache if cache is not None else model.make_cache()
     history = prompt
+    group = getattr(model, "group", None)  # set when kimi_mlx.parallel split the model across ranks
 
     def sample(logits: mx.array):
         nonlocal history
@@ -166,6 +167,10 @@ def generate_tokens(
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logprobs)  # [1]
+        if group is not None:  # every rank continues with rank 0's token
+            from .parallel import broadcast_token
+
+            token = broadcast_token(token, group)
         if processors:
             history = mx.concatenate([history, token])
         return token, logprobs[0, token[0]]
