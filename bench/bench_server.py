@@ -126,6 +126,11 @@ def multi_turn(client, turns: int, words: int) -> list[dict]:
         out.append({"turn": t + 1, "ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
                     "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
         messages.append({"role": "assistant", "content": text})
+    # the last turn again in a conversation the server has not seen (another system prompt): cold
+    cold = [{"role": "system", "content": "answer shortly"}] + messages[1:-1]
+    ttft, _, usage = chat_ttft(client, cold)
+    out.append({"turn": f"{turns} cold", "ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+                "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
     return out
 
 
@@ -195,7 +200,7 @@ def main() -> None:
           "(less sensitive to other jobs on the machine than wall time)")
     print("multi-turn TTFT")
     for t in turns:
-        print(f"  turn {t['turn']}: {1e3 * t['ttft_s']:7.1f} ms  prompt {t['prompt_tokens']:5d}  "
+        print(f"  turn {t['turn']!s:>6s}: {1e3 * t['ttft_s']:7.1f} ms  prompt {t['prompt_tokens']:5d}  "
               f"cached {t['cached_tokens']:5d}")
     print(f"long history: {hist['history_tokens']} tokens; follow-up TTFT {1e3 * hist['follow_up_ttft_s']:.1f} ms "
           f"({hist['follow_up_cached']} of {hist['follow_up_prompt']} cached) vs cold {1e3 * hist['cold_ttft_s']:.1f} ms"
