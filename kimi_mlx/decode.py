@@ -10,6 +10,9 @@ compiled (all of it backend-neutral MLX, so Metal and CUDA gain alike):
   * an MLA layer in two pieces around the attention over the latent cache (whose key count grows
     every token, so it stays eager): the projections to q and the latent; then W_v, o_proj, the
     residual and the MLP / MoE.
+Inside the traces, matmuls that read the same input run as one (FusedLinears: q/k/v, f_a/g_a/b,
+MLA q/kv_a, SwiGLU gate/up) and a KDA layer's three convs as one over 3C channels
+(`_kda_attention`, checked against the eager layer by tests/test_decode.py).
 The compiled functions take the layer's parameters as inputs (`inputs=layer`), so loading new
 weights into a model needs no re-trace; a change of path switch (KDA path, kernel mode, expert
 path) selects another trace, so every switch keeps its meaning. Prefill (T > 1), padded batches
@@ -55,7 +58,6 @@ def get_decode_path() -> str:
 def _trace_key(kind: str, x: mx.array) -> tuple:
     """What a trace depends on besides the layer: shapes, dtypes and every path switch."""
     from .experts import get_expert_path
-    from .kda import get_kda_path
     from .kda.metal import get_kernel_mode
 
     # str(device): Device objects hash by identity, and a key that never matches re-traces every call.
