@@ -13,7 +13,6 @@ tokenizer on a fixed text when it has one, else fixed random ids (the tiny test 
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +87,9 @@ def _log_probs(model, ids: list[int]) -> np.ndarray:
 
 def describe_quantization(config_path: Path) -> str:
     """A recipe label from config.json's quantization block (mlx-lm's form)."""
-    config = json.loads(Path(config_path).read_text())
+    from kimi_mlx.config import read_config
+
+    config = read_config(config_path)
     q = config.get("quantization")
     if not q:
         return f"not quantized ({config.get('dtype', config.get('torch_dtype', '?'))})"

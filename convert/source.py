@@ -8,16 +8,15 @@ ModelFormatError line naming the file. Tensors are then read lazily, one at a ti
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
-from kimi_mlx.config import ModelArgs
+from kimi_mlx.config import ModelArgs, read_config
 from kimi_mlx.errors import KimiError, ModelFormatError
-from kimi_mlx.loading import check_safetensors, safetensors_files
+from kimi_mlx.loading import check_safetensors, read_weight_map, safetensors_files
 
 # safetensors dtype names <-> MLX dtypes (sources are float; outputs add the packed/scale types).
 ST_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8}
@@ -102,7 +101,7 @@ def open_source(src: str | Path) -> Source:
     else:
         raise KimiError(f"{src}: no such folder (and not a hub repo id like org/name)")
     args = ModelArgs.from_file(folder / "config.json")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder / "config.json")  # checked just above
     if args.quantization:
         raise ModelFormatError(f"{folder / 'config.json'}: already quantized; convert from the bf16 checkpoint instead")
     tensors = scan_tensors(folder)
@@ -130,7 +129,7 @@ def scan_tensors(folder: Path) -> dict[str, SourceTensor]:
                                          data_start + start)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        for name, file in json.loads(index.read_text())["weight_map"].items():
+        for name, file in read_weight_map(index).items():
             if name not in tensors or tensors[name].file != file:
                 raise ModelFormatError(f"{folder / file}: tensor {name} (listed in {index.name}) is not in this file")
     return tensors

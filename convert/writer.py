@@ -168,8 +168,10 @@ class Progress:
             saved = {}
         if saved.get("fingerprint") == plan.fingerprint:
             expected = {n: [t.name for t in s] for n, s in zip(plan.shard_names, plan.shards)}
-            for name, record in saved.get("shards", {}).items():
-                if record.get("tensors") == expected.get(name) and _verify(folder / name, record):
+            shards = saved.get("shards")
+            for name, record in (shards.items() if isinstance(shards, dict) else ()):  # a damaged record: none kept
+                if (isinstance(record, dict) and name in expected and record.get("tensors") == expected[name]
+                        and _verify(folder / name, record)):
                     progress.shards[name] = record
         elif saved.get("source") not in (None, plan.source_id):
             log(f"{folder}: started from another source ({_describe(saved['source'])}), not "

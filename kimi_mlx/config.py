@@ -7,7 +7,6 @@ is 0-based. Unknown keys are ignored (the released config carries many we do not
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise ModelFormatError(f"{source}: holds a JSON {type(config).__name__}, expected an object {{...}}")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelFormatError(
@@ -205,10 +206,7 @@ def _check_quantization(q, fail) -> None:
 
 def read_config(path: str | Path) -> dict:
     """config.json as a dict; a missing or malformed file is one ModelFormatError line."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: not found; a model folder needs config.json") from None
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    from .files import read_json_object
+
+    return read_json_object(path, "a model folder needs a config.json object; download the model again",
+                            missing="not found")

@@ -28,11 +28,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The shards of a checkpoint: from model.safetensors.index.json, or every *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
-        files = [folder / f for f in sorted(set(weight_map.values()))]
+        files = [folder / f for f in sorted(set(read_weight_map(index).values()))]
         missing = [f for f in files if not f.exists()]
         if missing:
             raise ModelFormatError(f"{missing[0]}: listed in {index.name} but missing; download it again")
@@ -41,6 +37,23 @@ def safetensors_files(folder: Path) -> list[Path]:
     if not files:
         raise ModelFormatError(f"{folder}: no *.safetensors weights found")
     return files
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map: tensor name -> shard file name. The shard names
+    must be plain relative paths inside the folder (no '..', not absolute): an index must not send
+    the loader, or the converter's overlap check, to files elsewhere. One ModelFormatError line."""
+    from .files import read_json_object
+
+    fix = "download the model again"
+    weight_map = read_json_object(index, fix).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelFormatError(f"{index}: not a safetensors index (no weight_map object of tensor -> file); {fix}")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ModelFormatError(f"{index}: tensor {name!r} maps to {file!r}, not a shard file name "
+                                   f"in the folder; {fix}")
+    return weight_map
 
 
 # Bytes per element of each safetensors dtype (the format's full list).
@@ -53,8 +66,8 @@ def check_safetensors(path: Path) -> dict:
     header. Catches truncation, garbage, and headers whose entries are not what they claim (wrong
     JSON types, unknown dtypes, byte ranges that disagree with dtype x shape, overlap or run past
     the end), so nothing malformed reaches mx.load. One ModelFormatError line naming the file."""
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -67,6 +80,9 @@ def check_safetensors(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         reason = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the header held
         raise ModelFormatError(f"{path}: not a valid safetensors file ({reason[:200]}); download it again") from None
+    except OSError as e:  # a folder of that name, permissions, an I/O error
+        reason = "is a folder, not a file" if path.is_dir() else f"cannot read ({e.strerror or e})"
+        raise ModelFormatError(f"{path}: {reason}; download it again") from None
     if 8 + n + end > size:
         raise ModelFormatError(
             f"{path}: truncated ({size} bytes, header says {8 + n + end}); download or convert it again"

@@ -123,9 +123,13 @@ _REDOWNLOAD = "download the model folder again (e.g. huggingface-cli download mo
 def read_tiktoken_model(path: Path) -> dict[bytes, int]:
     """Parse a tiktoken.model file into {token bytes: rank}, checking every line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise _fail(path, "missing (the tokenizer is tiktoken.model + tokenizer_config.json)", _REDOWNLOAD)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # a folder of that name, permissions, an I/O error
+        raise _fail(path, "is a folder, not a file" if path.is_dir() else f"cannot be read ({err.strerror or err})",
+                    _REDOWNLOAD) from None
     if data.startswith(b"version https://git-lfs"):
         raise _fail(path, "is a Git LFS pointer, not the vocabulary", "run `git lfs pull` or " + _REDOWNLOAD)
     ranks: dict[bytes, int] = {}
@@ -166,17 +170,9 @@ def _rank_problem(ranks: Mapping[bytes, int]) -> str | None:
 
 def _read_json(path: Path) -> dict:
     """Read a JSON object, turning a syntax error into a one-line error with its line."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _fail(path, "missing (it names the chat and control tokens)", _REDOWNLOAD) from None
-    except json.JSONDecodeError as err:
-        raise _fail(path, f"line {err.lineno} is not valid JSON ({err.msg})", _REDOWNLOAD) from None
-    except UnicodeDecodeError:
-        raise _fail(path, "is not UTF-8 text", _REDOWNLOAD) from None
-    if not isinstance(data, dict):
-        raise _fail(path, "is not a JSON object", _REDOWNLOAD)
-    return data
+    from .files import read_json_object
+
+    return read_json_object(path, _REDOWNLOAD, KimiError, missing="missing (it names the chat and control tokens)")
 
 
 def _token_content(value: Any) -> str | None:
@@ -218,8 +214,11 @@ def _special_table(path: Path, names: Mapping[int, str], num_base: int) -> dict[
 def _read_chat_template(folder: Path, config: Mapping) -> tuple[str | None, str]:
     """The checkpoint's template and where it came from; chat_template.jinja wins, as in HF."""
     jinja_path = folder / TEMPLATE_FILE
-    if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8"), str(jinja_path)
+    if jinja_path.exists():
+        from .files import read_text
+
+        return read_text(jinja_path, "fix or delete it (tokenizer_config.json's template is used then)",
+                         KimiError), str(jinja_path)
     template = config.get("chat_template")
     if isinstance(template, list):  # HF's named-template form: [{"name", "template"}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -1,0 +1,46 @@
+"""Reading the small text files of a model folder (config.json, the safetensors index, the
+tokenizer's files) with one-line errors for every way a file can be wrong.
+
+A file can be missing, a folder, unreadable (permissions, I/O), not UTF-8, not JSON, or JSON of
+the wrong kind (a list where an object is expected); each is a ModelFormatError (or the class the
+caller passes) naming the file, what is wrong and what to do, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import KimiError, ModelFormatError
+
+
+def read_text(path: str | Path, fix: str, error: type[KimiError] = ModelFormatError,
+              missing: str = "not found") -> str:
+    """The file's text (UTF-8). `fix` says what to do; `missing` what a missing file means."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}; {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a file; {fix}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); {fix}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}); {fix}") from None
+
+
+def read_json_object(path: str | Path, fix: str, error: type[KimiError] = ModelFormatError,
+                     missing: str = "not found") -> dict:
+    """The file's JSON, which must be an object (a dict); see read_text for the errors."""
+    path = Path(path)
+    text = read_text(path, fix, error, missing)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    except RecursionError:  # "[[[[...": nested past Python's limit
+        raise error(f"{path}: not valid JSON (nested too deeply); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: holds a JSON {type(data).__name__}, expected an object {{...}}; {fix}")
+    return data
