@@ -83,6 +83,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions
     _check_outputs(dst, partial, force)
     source = open_source(src)
     check_no_overlap(source, dst, partial)
+    _check_replaceable(dst)
     plan = make_plan(source, opts)
     warnings = [w for w in [_tokenizer_warning(source, dst)] if w]
     for w in warnings:
@@ -131,12 +132,37 @@ def _check_outputs(dst: Path, partial: Path, force: bool) -> None:
         if not (dst / "config.json").exists() and any(dst.iterdir()):
             raise KimiError(f"{dst}: exists and is not a model folder (no config.json); --force replaces "
                             "only a model folder, so pick another output folder")
+
     if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
         raise KimiError(f"{partial}: exists and is not a folder (a conversion builds DST there); "
                         "remove or rename it, or pick another output folder")
     if partial.is_dir() and not (partial / PROGRESS).exists() and any(partial.iterdir()):
         raise KimiError(f"{partial}: exists and was not made by kimi-mlx convert (no {PROGRESS}); "
                         "remove or rename it, or pick another output folder")
+
+
+def _check_replaceable(dst: Path) -> None:
+    """An existing DST (allowed by --force) must hold model files only: see _is_model_entry."""
+    if not dst.is_dir():
+        return
+    other = next((p for p in sorted(dst.iterdir()) if not _is_model_entry(p)), None)
+    if other is not None:  # a project folder with a config.json, or a model folder plus someone's files
+        raise KimiError(f"{dst}: holds {other.name}{'/' if other.is_dir() and not other.is_symlink() else ''}, "
+                        "which is not a model file; --force replaces only a folder of model files (weights, "
+                        "config, tokenizer, README), so move it out or pick another output folder")
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".py", ".tiktoken", ".md")
+MODEL_FOLDER_EXTRAS = {"tiktoken.model", ".gitattributes", ".DS_Store"}
+
+
+def _is_model_entry(path: Path) -> bool:
+    """What --force may delete with a model folder: the files a conversion (ours or mlx-lm's) or a
+    hub download puts there, and the hub's `.cache` metadata folder; nothing else (no other
+    folder, no file of another kind), so a user's own files are never deleted with it."""
+    if path.is_symlink() or not path.is_dir():
+        return path.name in MODEL_FOLDER_EXTRAS or path.suffix in MODEL_FILE_SUFFIXES
+    return path.name == ".cache"
 
 
 def check_no_overlap(source: Source, dst: Path, partial: Path) -> None:

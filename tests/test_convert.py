@@ -357,18 +357,30 @@ def test_existing_dst_needs_force(ref32, out, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "dst.old"]
 
 
-@pytest.mark.parametrize("kind", ["folder_of_other_files", "file"])
-def test_force_replaces_only_a_model_folder(ref32, tmp_path, kind):
-    """--force never deletes what is not a model folder (a home folder, documents, a file)."""
+@pytest.mark.parametrize("kind", ["folder_of_other_files", "file", "project_with_a_config_json",
+                                  "model_folder_plus_a_user_file", "model_folder_plus_a_folder"])
+def test_force_replaces_only_a_model_folder(ref32, out, tmp_path, kind):
+    """--force never deletes what is not a model folder (a home folder, documents, a file, a project
+    folder that happens to hold a config.json, a model folder someone put their own files in)."""
     dst = tmp_path / "dst"
     if kind == "file":
         dst.write_text("mine")
+    elif kind.startswith("model_folder"):
+        shutil.copytree(out("fp32", FP32), dst)  # an earlier conversion
     else:
         dst.mkdir()
-        (dst / "keep.txt").write_text("mine")
-    with pytest.raises(KimiError, match=r"dst: exists and is not a (model )?folder.*--force replaces only a model"):
+    keep = {"file": dst, "model_folder_plus_a_folder": dst / "evals" / "scores.csv"}.get(kind, dst / "keep.txt")
+    if kind == "project_with_a_config_json":
+        (dst / "config.json").write_text("{}")
+        (dst / "main.py").write_text("print()")
+    if keep != dst:
+        keep.parent.mkdir(exist_ok=True)
+        keep.write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(KimiError, match=r"dst: (exists and is not a (model )?folder|holds (keep\.txt|evals/), which "
+                                        r"is not a model file).*--force replaces only a (model )?folder"):
         run(ref32.folder, dst, force=True)
-    assert (dst.read_text() if kind == "file" else (dst / "keep.txt").read_text()) == "mine"
+    assert keep.read_text() == "mine" and snapshot(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
