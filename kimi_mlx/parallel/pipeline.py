@@ -59,15 +59,10 @@ class PipelineStage(nn.Module):
         self.hidden = inner.norm.weight.shape[0]
         embed = inner.embed_tokens
         self.dtype = embed.scales.dtype if isinstance(embed, nn.QuantizedEmbedding) else embed.weight.dtype
-        self.embed_tokens = embed  # dropped below on later stages unless lm_head is tied to it
+        self.embed_tokens = embed  # kept on every stage (as mlx-lm): the memory plan reads its dtype
         self.layers = [layer if self.start <= i < self.end else RemoteLayer(layer.is_kda)
                        for i, layer in enumerate(inner.layers)]
         self.norm = inner.norm
-
-    def drop_embedding(self) -> None:
-        """Later stages receive activations, not tokens: they need no embedding table."""
-        if self.rank > 0:
-            del self["embed_tokens"]
 
     def __call__(self, inputs: mx.array, cache=None, mask: mx.array | None = None) -> mx.array:
         B, T = inputs.shape
@@ -102,9 +97,6 @@ def _after(cache, h: mx.array) -> None:
 
 def pipeline(model, group) -> None:
     """Split `model`'s layers across `group` in place (module docstring)."""
-    stage = PipelineStage(model.model, group)
-    if not model.args.tie_word_embeddings:
-        stage.drop_embedding()
-    model.model = stage
+    model.model = PipelineStage(model.model, group)
     model.group = group  # generation broadcasts rank 0's tokens over it
     model.parallel = "pipeline"

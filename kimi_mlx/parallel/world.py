@@ -6,7 +6,8 @@ mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
     missing peers forever and holds the GIL meanwhile (a Python timer never runs), so a forked
     watchdog process ends this rank with one line when the deadline passes;
   * rank 0 is the one that talks to the user: the others' stdout is dropped and their stderr
-    keeps only the CLI's `error:` lines (mlx.launch prints every rank's output);
+    keeps only the CLI's `error:` lines (mlx.launch prints every rank's output); the ring
+    backend's own socket messages are dropped on every rank (the CLI says it in one line);
   * checkpoint_fingerprint / check_same_checkpoint: every rank must load the same weights;
   * broadcast_token: rank 0's sampled token, so every rank continues the same sequence;
   * peer_error(): a lost connection (a rank that died) as one KimiError line instead of a
@@ -15,17 +16,21 @@ mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import re
 import select
 import sys
+import threading
 from pathlib import Path
 
 from ..errors import KimiError
 
 CONNECT_TIMEOUT_ENV = "KIMI_MLX_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT_S = 120.0
+_EXCEPTION_LINE = re.compile(rb"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 LAUNCH_VARS = ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR")
 
 
@@ -69,7 +74,7 @@ def join_world(timeout: float | None = None):
         raise RankError(f"rank {rank}: cannot join the other ranks ({' '.join(str(e).split())})") from None
     finally:
         stop()
-    if group.size() > 1 and group.rank() != 0:
+    if group.size() > 1:
         _quiet(group.rank())
     return group
 
@@ -99,31 +104,48 @@ def _watchdog(timeout: float, message: str):
     return stop
 
 
-class _ErrorsOnly:
-    """stderr of ranks other than 0: only the CLI's `error:` lines pass, prefixed by the rank."""
-
-    def __init__(self, stream, rank: int):
-        self.stream, self.rank, self.pending = stream, rank, ""
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if line.startswith("error: "):
-                self.stream.write(f"error: rank {self.rank}: {line[len('error: '):]}\n")
-                self.stream.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
 def _quiet(rank: int) -> None:
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    sys.stderr = _ErrorsOnly(sys.__stderr__, rank)
+    """What this rank's output becomes (file descriptors, so C++ output and streams that were
+    captured before joining obey too): rank 0 keeps everything but the ring backend's
+    '[ring] ...' socket chatter; other ranks drop stdout and keep only the CLI's `error:` lines
+    (prefixed with their rank). A thread forwards fd 2 through a pipe; it is drained at exit."""
+    real = os.dup(2)
+    if rank != 0:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def keep(line: bytes) -> bytes | None:
+        if rank == 0:
+            return None if line.startswith(b"[ring]") else line
+        if line.startswith(b"error: "):
+            return b"error: rank %d: " % rank + line[len(b"error: "):]
+        if _EXCEPTION_LINE.match(line):  # the last line of a traceback: a bug, say where it happened
+            return b"error: rank %d: " % rank + line
+        return None
+
+    def forward():
+        pending = b""
+        while chunk := os.read(read_end, 1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if (out := keep(line + b"\n")) is not None:
+                    os.write(real, out)
+        if pending and (out := keep(pending)) is not None:
+            os.write(real, out)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+
+    def drain():
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last writer: the thread reads EOF and ends
+        thread.join(timeout=5)
+
+    atexit.register(drain)
 
 
 def checkpoint_fingerprint(folder: Path) -> bytes:
