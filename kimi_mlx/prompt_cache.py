@@ -53,12 +53,37 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise KimiError(f"{path}: is a folder; give a file name, e.g. {path / 'chat.safetensors'}")
     if not path.parent.is_dir():
         raise KimiError(f"{path}: the folder {path.parent} does not exist; create it or choose another")
+    if (path.exists() or path.is_symlink()) and not _replaceable(path):
+        raise KimiError(f"{path}: exists and is not a kimi-mlx chat or prompt-cache file, so it is not "
+                        "overwritten; choose another file name (or move that file away)")
     try:  # a real probe: permissions, read-only file systems and root's exemptions all show here
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as e:
         raise KimiError(f"{path}: cannot write in {path.parent} ({e.strerror}); choose another folder") from None
     return path
+
+
+STATE_FORMATS = ("kimi-mlx-chat", PROMPT_CACHE_FORMAT)  # the files save_state_file writes
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether saving may replace the file at `path`: an empty file, or a state file of ours (its
+    safetensors metadata names one of STATE_FORMATS), so /save and cache-prompt never overwrite
+    someone's document, script or model weights. Only the header is read."""
+    try:
+        if not path.is_file():
+            return False  # a dangling link, a device, a FIFO
+        if path.stat().st_size == 0:
+            return True
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return isinstance(meta, dict) and meta.get("format") in STATE_FORMATS
+    except (OSError, ValueError, AttributeError, RecursionError):  # unreadable, not JSON, not an object
+        return False
 
 
 def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: list, file_format: str,
@@ -78,16 +103,20 @@ def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: li
         "num_tokens": str(len(tokens)),
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp.safetensors")  # MLX appends .safetensors otherwise
+    tmp = None
     try:
-        with open(tmp, "wb"):  # an OSError here names the reason (read-only file system, ...)
-            pass
+        # A fresh name beside the target (never a name someone's file may have); the suffix keeps
+        # MLX from appending .safetensors. An OSError here names the reason (read-only file system, ...).
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.safetensors")
+        tmp = Path(tmp)
+        os.close(fd)
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as e:
         raise KimiError(f"{path}: cannot save ({getattr(e, 'strerror', None) or e})") from None
     finally:
-        tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # left only by a failed or interrupted write
 
 
 def read_state_file(path: str | os.PathLike, model, file_format: str, model_name: str, kind: str,

@@ -138,6 +138,40 @@ def test_long_messages_show_prefill_progress(loaded, capfd):  # noqa: F811
 # ---------------------------------------------------------------- cache-prompt and prompt files
 
 
+def test_save_never_overwrites_a_file_that_is_not_ours(loaded, folder, tmp_path):  # noqa: F811
+    """/save and cache-prompt replace only their own files (a chat or prompt-cache file, or an empty
+    file): a document, a model's weights, another safetensors file or a link to one are kept, one
+    error line each; nor is a file named like the temporary (X.tmp.safetensors) touched."""
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=3)
+    notes_txt = tmp_path / "notes.txt"
+    notes_txt.write_text("my notes")
+    weights = tmp_path / "weights.safetensors"
+    mx.save_safetensors(str(weights), {"w": mx.ones((2,))}, metadata={"format": "mlx"})
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(notes_txt)
+    twin = tmp_path / "chat.safetensors.tmp.safetensors"  # the temporary's old fixed name
+    twin.write_text("someone's file")
+    before = {p: p.read_bytes() for p in (notes_txt, weights, twin)}
+    theirs = [notes_txt, weights, link]
+    code, notes = run_lines(session, ["hello", *[f"/save {p}" for p in theirs], f"/save {tmp_path / 'chat.safetensors'}",
+                                      "again", f"/save {tmp_path / 'chat.safetensors'}"])
+    errors = error_lines(notes)
+    assert code == 0 and len(errors) == len(theirs) and all("not a kimi-mlx chat" in e for e in errors), notes
+    assert {p: p.read_bytes() for p in before} == before and link.is_symlink()
+    back = ChatSession(model, tok, max_tokens=3)
+    back.load(tmp_path / "chat.safetensors")  # our own file is replaced: the second save holds both turns
+    assert back.messages == session.messages and len(back.messages) == 4
+    (tmp_path / "empty").touch()
+    session.save(tmp_path / "empty")  # an empty file holds nothing to lose
+    for target in (notes_txt, weights, tmp_path / "chat.safetensors"):  # cache-prompt: the same rule
+        result = CliRunner().invoke(app, ["cache-prompt", str(target), "--model", str(folder), "-p", "some text"])
+        ours = target.name == "chat.safetensors"
+        assert result.exit_code == (0 if ours else 2), result.output
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name and p != twin]
+
+
 @pytest.mark.parametrize("where", ["dot", "root", "folder", "missing", "unwritable"])
 def test_cache_prompt_refuses_a_bad_output_in_one_line(folder, tmp_path, where):  # noqa: F811
     out = {"dot": ".", "root": "/", "folder": str(tmp_path), "missing": str(tmp_path / "no" / "c.safetensors"),
