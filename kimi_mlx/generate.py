@@ -111,6 +111,23 @@ def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float =
             raise KimiError(f"{name} is {value!r}; it must be {rule}")
 
 
+# Temperatures past these sample the same distribution in float32 as the bound does, and the
+# sampler (mlx-lm: categorical(logprobs * (1 / temp))) breaks past them: below 1e-30, 1/temp times
+# a logprob overflows to -inf for every token (all -inf: a random id is drawn); above 1e30, 1/temp
+# underflows to 0 and the -inf of a top-k/top-p cut times 0 is NaN (token 0 is drawn). At the
+# bounds both are fine: 1e30 x |logprob| < 3.4e38 (float32's max) for any logprob above -3e8, and
+# 1e-30 is a normal float32. 1e-30 is greedy in effect (gaps of 1e-28 outweigh the Gumbel noise),
+# 1e30 uniform over the tokens kept (logprob x 1e-30 rounds to 0 beside it).
+TEMPERATURE_BOUNDS = (1e-30, 1e30)
+
+
+def sampling_temperature(temperature: float) -> float:
+    """The temperature to hand the sampler for a checked `temperature` (check_sampling): 0 (greedy)
+    below TEMPERATURE_BOUNDS[0], at most TEMPERATURE_BOUNDS[1], else itself. See TEMPERATURE_BOUNDS."""
+    low, high = TEMPERATURE_BOUNDS
+    return 0.0 if temperature < low else min(temperature, high)
+
+
 def check_token_ids(ids: list[int], vocab_size: int) -> None:
     """Refuse token ids outside [0, vocab_size) before they reach the embedding (an id past the
     table reads outside it: a crash or garbage, never an error)."""
@@ -315,7 +332,7 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     top_k = 0 if top_k >= model.args.vocab_size else top_k  # keeps every token: off (mlx-lm refuses it)
-    sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    sampler = make_sampler(temp=sampling_temperature(temperature), top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
     reply = ReplyText(tokenizer, max_tokens, stop)
     mx.reset_peak_memory()

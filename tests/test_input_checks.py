@@ -100,6 +100,21 @@ def test_top_k_up_to_past_the_vocabulary_is_accepted(loaded, top_k):
     assert len(list(stream_generate(model, tok, "hi", max_tokens=2, temperature=1.0, top_k=top_k))) == 2
 
 
+@pytest.mark.parametrize("temperature,cut", [(1e-300, {}), (1e-40, {}), (2e-38, {}), (1e-31, {}),
+                                             (1e308, {"top_k": 1}), (1e31, {"top_k": 1}), (1e40, {"top_p": 1e-9}),
+                                             (1e300, {"min_p": 1.0})])
+def test_extreme_temperatures_sample_their_limit(loaded, temperature, cut):
+    """A temperature near 0 samples the argmax (greedy), a huge one samples uniformly among the
+    tokens a cut keeps (here one: greedy again). Past float32's range of 1/temperature the sampler
+    drew a random id (all logits -inf) or id 0 (-inf x 0 = NaN) instead, silently."""
+    model, tok = loaded
+    greedy = [r.token for r in stream_generate(model, tok, "hello", max_tokens=6)]
+    for seed in (0, 1):
+        got = [r.token for r in stream_generate(model, tok, "hello", max_tokens=6, temperature=temperature,
+                                                seed=seed, **cut)]
+        assert got == greedy, (temperature, cut, seed)
+
+
 def test_edge_values_are_accepted():
     # 0 = off/greedy is the existing convention (mlx-lm's make_sampler) and stays valid
     check_sampling(1, temperature=0, top_p=0, top_k=0, min_p=0, repetition_penalty=None)
