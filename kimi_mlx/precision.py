@@ -43,8 +43,32 @@ def _split(x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def fp32_matmul(a: mx.array, b: mx.array) -> mx.array:
-    """a @ b (any batch shape) at float32 accuracy on every backend; a, b float32."""
-    return split_matmul(a, b) if reduced_fp32_matmul() else a @ b
+    """a @ b (any batch shape) at float32 accuracy on every backend; a, b float32. Differentiable:
+    the gradients are float32-accurate products too (chunked KDA is trained through)."""
+    return _split_product(a, b) if reduced_fp32_matmul() else a @ b
+
+
+@mx.custom_function
+def _split_product(a: mx.array, b: mx.array) -> mx.array:
+    return split_matmul(a, b)
+
+
+@_split_product.vjp
+def _split_product_vjp(primals, cotangent, output):
+    """d(a b) = (g b^T, a^T g), each a split product, summed over broadcast batch dimensions."""
+    a, b = primals
+    da = split_matmul(cotangent, mx.swapaxes(b, -1, -2))
+    db = split_matmul(mx.swapaxes(a, -1, -2), cotangent)
+    return _unbroadcast(da, a.shape), _unbroadcast(db, b.shape)
+
+
+def _unbroadcast(g: mx.array, shape: tuple) -> mx.array:
+    """Sum g over the leading dimensions that broadcasting added or expanded to reach `shape`."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
 
 
 def split_matmul(a: mx.array, b: mx.array, matmul=mx.matmul) -> mx.array:

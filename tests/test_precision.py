@@ -50,3 +50,15 @@ def test_split_halves_are_exact():
 def test_cpu_probe_says_full_fp32():
     if mx.default_device() == mx.cpu:
         assert precision.reduced_fp32_matmul() is False
+
+
+def test_chunked_kda_and_its_gradients_stay_fp32_under_emulated_tf32(monkeypatch):
+    """kda_chunked through fp32_matmul on a 'TF32 GPU' (the probe forced, every product rounding
+    its inputs to TF32): mx.grad still matches kda_naive at the float32 tolerance. The
+    gradient part failed on the H200 before fp32_matmul had its own vjp (rel. err 5e-4)."""
+    import test_kda
+
+    monkeypatch.setitem(precision._reduced, str(mx.default_device()), True)
+    split = precision.split_matmul
+    monkeypatch.setattr(precision, "split_matmul", lambda a, b, matmul=tf32_matmul: split(a, b, matmul))
+    test_kda.test_gradients_match_naive()

@@ -51,8 +51,12 @@ def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
     if mx.metal.is_available():
         return "mx_fast"  # MLX's fused Metal kernel for every T (what the kernels fall back to)
     # Other GPUs (MLX's CUDA backend): prefill in chunks, measured on the H200 (bench/bench_gpu.py:
-    # 1.2k tok/s, 2.6-3.5x mlx-lm's per-token loop); decode on mx.fast.
-    return "chunked" if seq_len >= GPU_CHUNKED_MIN_T else "mx_fast"
+    # 1.2k tok/s, 2.6-3.5x mlx-lm's per-token loop). One token (decode): the naive step, which the
+    # compiled decode step (kimi_mlx/decode.py) fuses with the layer: 38.3 vs 34.8 tok/s for
+    # mx.fast at 1k context, 36.2 vs 31.5 at 64k (H200, bench/gpu/NOTES.md run 2). Between: mx.fast.
+    if seq_len >= GPU_CHUNKED_MIN_T:
+        return "chunked"
+    return "naive" if seq_len == 1 else "mx_fast"
 
 
 def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
