@@ -147,7 +147,7 @@ def report() -> str:
         f"prefill {get_kda_path(2048, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))} "
         "(KIMI_MLX_KDA_PATH=naive|chunked|mx_fast|metal)",
         f"MoE experts: {get_expert_path()} (KIMI_MLX_EXPERT_PATH=gather|grouped; auto: grouped for "
-        "prefill of float experts on the CPU and of any experts on non-Metal GPUs, else gather)",
+        "CPU prefill of float experts, else gather)",
         "ops paths:",
         *check_ops_paths(),
         *kernel_report(),

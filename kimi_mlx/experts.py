@@ -5,12 +5,12 @@
 
 `experts_gather` (the reference, and what runs on Metal and for decode): mlx-lm's SwitchGLU,
 MLX's gather matmuls; it sorts rows by expert when there are many.
-`experts_grouped` (prefill on the CPU and on non-Metal GPUs): sort the N*k rows by expert, read each expert's row count
+`experts_grouped` (prefill on the CPU): sort the N*k rows by expert, read each expert's row count
 on the host, and run one plain matmul per expert over its contiguous slice. Why: MLX's CPU
 gather_mm handles rows one by one (~30 GFLOP/s at the bench shape), while a [n, D] x [D, I]
 matmul per expert reaches the BLAS rate (~120-180 GFLOP/s with OpenBLAS); Metal's gather_mm
 already runs sorted rows as segmented matmuls, so there the reference path is the fast one;
-MLX's CUDA gather_qmm does not (see GPU_GROUPED_MIN_ROWS_PER_EXPERT).
+MLX's CUDA gather_qmm is slow at prefill (see the note above get_expert_path's rules).
 The host read of the counts ends the lazy graph at the router: fine for prefill, not for
 mx.compile or training (train.py forces "gather").
 
@@ -35,12 +35,10 @@ _switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 # 64, 2.5x at 512; below, per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x:
 # the CPU's quantized matmul is the bound either way), so they keep the gather path.
 CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
-# GPUs other than Metal (MLX's CUDA backend): grouped from this many rows per expert, any weights.
-# Why: on the H200 one gather_qmm over a 512-token prefill step's 4096 sorted (token, expert) rows
-# took ~4.3 ms (bench/gpu/NOTES.md, run 1), ~1 us per row, as if each row were its own GEMV, and
-# held ~1 GiB of scratch per projection; a quantized_matmul per expert over its own rows reads each
-# expert once. Metal's gather_qmm segments sorted rows itself, so Metal keeps gather.
-GPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
+# GPUs keep gather for now. On the H200 one gather_qmm over a 512-token prefill step's 4096 sorted
+# (token, expert) rows took ~4.3 ms (bench/gpu/NOTES.md, run 1), ~1 us per row, and ~1 GiB of
+# scratch: the grouped path (KIMI_MLX_EXPERT_PATH=grouped, a quantized_matmul per expert) may beat
+# it there, but that is not measured yet (bench_gpu.py --prefill-experts times it).
 
 
 def set_expert_path(name: str | None) -> None:
@@ -62,9 +60,7 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
         if isinstance(mlp.gate_proj, QuantizedSwitchLinear):
             return "gather"  # the CPU's quantized matmul is the bound either way
         return "grouped" if rows >= CPU_GROUPED_MIN_ROWS_PER_EXPERT * experts else "gather"
-    if mx.metal.is_available():
-        return "gather"  # Metal's gather_mm segments sorted rows itself
-    return "grouped" if rows >= GPU_GROUPED_MIN_ROWS_PER_EXPERT * experts else "gather"
+    return "gather"  # a GPU: Metal's gather_mm segments sorted rows itself; CUDA see above
 
 
 def experts_gather(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:

@@ -20,11 +20,11 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .errors import KimiError
 
 def prefill_step_for(device: mx.Device) -> int:
-    """Tokens per prefill step on `device`: 512 on the CPU (measured with bench/bench_model.py;
-    memory stays small), 2048 on a GPU, as mlx-lm: a step's fixed costs (host graph, one eval,
-    gather matmuls of 8 x step (token, expert) rows over 256 experts) are spread over 4x the
-    tokens, and its activations are a few hundred MB at the real size."""
-    return 512 if device == mx.cpu else 2048
+    """Tokens per prefill step on `device` (the one place this is decided): 512 everywhere for
+    now, the value measured on the CPU (bench/bench_model.py) and on the H200 (bench_gpu.py run 1:
+    1.2k tok/s). mlx-lm uses 2048 on GPUs; our 2048 on the H200 is not measured yet (the
+    bench's --prefill-steps times it), and CUDA's gather_qmm scratch grows with the step's rows."""
+    return 512
 
 
 DEFAULT_PREFILL_STEP = prefill_step_for(mx.default_device())

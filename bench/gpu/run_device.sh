@@ -24,7 +24,7 @@ KIMI_MLX_TEST_DEVICE=gpu MLX_ENABLE_TF32=0 timeout $((TESTS_S * 2 / 3)) python3 
   tests/test_decode.py tests/test_long_context.py tests/test_parity.py > "$OUT/tests_tf32_off.log" 2>&1
 echo "tests (TF32 off) rc=$? in $(( $(date +%s) - t1 )) s: $(tail -1 "$OUT/tests_tf32_off.log")"
 grep -h "^FAILED\|^ERROR" "$OUT"/tests_*.log | head -20
-timeout $((BENCH_S + 40)) python3 bench/bench_gpu.py --budget "$BENCH_S" --prefill-steps 512 --prefill-experts gather \
+timeout $((BENCH_S + 40)) python3 bench/bench_gpu.py --budget "$BENCH_S" --prefill-steps 2048 --prefill-experts grouped \
   --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 grep -v "^  " "$OUT/bench.log" | tail -45
