@@ -1,43 +1,49 @@
 """One rank of the tests in test_parallel.py (started with MLX_RANK / MLX_HOSTFILE set).
 
-    python tests/parallel_worker.py MODE FOLDER OUT.npz [die-after-load]
-Loads FOLDER split by MODE, then writes (every rank) the logits of: a whole prompt without a
-cache, the same prompt fed to a cache in two steps, and three decode steps after it.
+    python tests/parallel_worker.py OUT_PREFIX MODE:FOLDER [MODE:FOLDER ...]
+For each job: loads FOLDER split by MODE over the same group, then writes OUT_PREFIX-J-RANK.npz
+with the logits of a whole prompt without a cache, of the same prompt fed to a cache in two
+steps, and of three decode steps after it, and the bytes of this rank's parameters.
 """
 
-import os
 import sys
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from kimi_mlx.parallel import join_world, load_sharded
 
 PROMPT = [[(7 * i + 3) % 90 + 3 for i in range(37)], [(5 * i + 11) % 90 + 3 for i in range(37)]]  # [2, 37]
+SPLIT = 20  # the stepped prefill: 20 tokens, then 17 (>= 16: the experts' compact path on both)
 DECODE = [[4, 9], [17, 5], [60, 61]]
 
 
-def main() -> None:
-    mode, folder, out = sys.argv[1:4]
-    group = join_world()
-    model = load_sharded(folder, group, mode)
-    if len(sys.argv) > 4 and group.rank() == 1:
-        os._exit(3)  # a rank that dies: the others must stop with one line
+def logits(model) -> dict:
+    """The three cases above (the single-process reference runs this same function)."""
     ids = mx.array(PROMPT)
 
-    def call(x, cache=None):  # one call evaluated at a time, as generation does (see pipeline.py)
+    def call(x, cache=None):  # one call evaluated at a time, as generation does (see parallel/pipeline.py)
         out = model(x, cache=cache)
         mx.eval(out)
-        return out
+        return out.astype(mx.float32)
 
     whole = call(ids)  # [2, 37, V]
     cache = model.make_cache()
-    first = call(ids[:, :20], cache)
-    rest = call(ids[:, 20:], cache)
+    stepped = [call(ids[:, :SPLIT], cache), call(ids[:, SPLIT:], cache)]
     steps = [call(mx.array(t)[:, None], cache) for t in DECODE]
-    arrays = {"whole": whole, "stepped": mx.concatenate([first, rest], axis=1),
-              "decode": mx.concatenate(steps, axis=1)}
-    np.savez(out, **{k: np.array(v.astype(mx.float32)) for k, v in arrays.items()})
+    return {"whole": np.array(whole), "stepped": np.array(mx.concatenate(stepped, axis=1)),
+            "decode": np.array(mx.concatenate(steps, axis=1))}
+
+
+def main() -> None:
+    prefix, jobs = sys.argv[1], sys.argv[2:]
+    group = join_world()
+    for j, job in enumerate(jobs):
+        mode, folder = job.split(":", 1)
+        model = load_sharded(folder, group, mode)
+        held = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        np.savez(f"{prefix}-{j}-{group.rank()}.npz", param_bytes=held, **logits(model))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.nn.layers.distributed import shard_inplace
 
 from ..errors import KimiError
 from ..experts import run_experts
@@ -72,14 +71,13 @@ class ExpertParallelMoE(SparseMoE):
             proj.update({k: mx.contiguous(v[r * count:(r + 1) * count]) for k, v in proj.parameters().items()})
         new.shared_experts = moe.shared_experts
         if new.shared_experts is not None:
-            s = new.shared_experts
-            shard_inplace(s.gate_proj, "all-to-sharded", group=group)
-            shard_inplace(s.up_proj, "all-to-sharded", group=group)
-            # Row-wise WITHOUT its own all-reduce (stays a Linear): the block's one reduce sums it.
-            from .tensor import _check_row_groups
+            from .tensor import _columns, _inputs
 
-            _check_row_groups(s.down_proj, N, f"{where}.mlp.shared_experts.down_proj")
-            shard_inplace(s.down_proj, "sharded-to-all", group=group)
+            s = new.shared_experts
+            _columns(s.gate_proj, group)
+            _columns(s.up_proj, group)
+            # Row-wise WITHOUT its own all-reduce (stays a Linear): the block's one reduce sums it.
+            _inputs(s.down_proj, group, f"{where}.mlp.shared_experts.down_proj")
         new.group, new.first, new.count = group, r * count, count
         return new
 

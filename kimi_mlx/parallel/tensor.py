@@ -16,9 +16,10 @@ all-reduce per attention block and one per MLP block:
     the router is replicated; the shared expert's partial output joins the routed one in ONE
     all-reduce per MoE block.
   * embeddings, final norm and lm_head are replicated (every rank computes the same logits).
-Column-wise layers are split with `shard_inplace` (they stay nn.Linear / nn.QuantizedLinear, so
-kimi_mlx.decode still fuses them; AllToShardedLinear would add only a gradient all-reduce);
-row-wise ones become (Quantized)ShardedToAllLinear via `shard_linear`. Quantized weights split
+Column-wise layers keep their rows in place (they stay nn.Linear / nn.QuantizedLinear, so
+kimi_mlx.decode still fuses them; mlx.nn's AllToShardedLinear would add only a gradient
+all-reduce); row-wise ones become mlx.nn's (Quantized)ShardedToAllLinear. (mlx.nn's
+shard_inplace / shard_linear helpers do the same but are not exported by mlx.nn in 0.32.3.) Quantized weights split
 the same way (scales/biases follow their rows; row-wise needs whole quantization groups per rank).
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from ..errors import KimiError
 from .expert import ExpertParallelMoE
@@ -72,13 +72,22 @@ def shard_tensor(model, group) -> None:
 
 
 def _columns(linear, group) -> None:
-    shard_inplace(linear, "all-to-sharded", group=group)
+    """Keep this rank's block of output rows (weight, scales, biases: [out, ...]), in place."""
+    linear.update({k: _rows_of(v, 0, group) for k, v in linear.parameters().items()})
+
+
+def _inputs(linear, group, where: str) -> None:
+    """Keep this rank's block of input columns, in place, without a reduce (the caller sums)."""
+    _check_row_groups(linear, group.size(), where)
+    linear.update({k: _rows_of(v, -1, group) for k, v in linear.parameters().items()})
 
 
 def _row_linear(linear, group, where: str):
-    """A row-wise split linear that all-reduces its output."""
+    """A row-wise split linear that all-reduces its output (mlx.nn's ShardedToAllLinear)."""
     _check_row_groups(linear, group.size(), where)
-    return shard_linear(linear, "sharded-to-all", group=group)
+    if isinstance(linear, nn.QuantizedLinear):
+        return nn.QuantizedShardedToAllLinear.from_quantized_linear(linear, group=group)
+    return nn.ShardedToAllLinear.from_linear(linear, group=group)
 
 
 def _check_row_groups(linear, N: int, where: str) -> None:
@@ -94,7 +103,7 @@ def _rows_of(a: mx.array, axis: int, group) -> mx.array:
     N, r = group.size(), group.rank()
     n = a.shape[axis] // N
     index = [slice(None)] * a.ndim
-    index[axis] = slice(r * n, (r + 1) * n)
+    index[axis % a.ndim] = slice(r * n, (r + 1) * n)
     return mx.contiguous(a[tuple(index)])
 
 

@@ -148,21 +148,31 @@ def _quiet(rank: int) -> None:
     atexit.register(drain)
 
 
+SMALL_TENSOR_BYTES = 1 << 20  # tensors up to this size are hashed whole (norms, biases, A_log, router bias)
+SAMPLES_PER_FILE = 64  # plus this many 4 KiB blocks spread over each file's data
+
+
 def checkpoint_fingerprint(folder: Path) -> bytes:
-    """16 bytes that differ between checkpoints: config.json, each safetensors file's name,
-    size and header, and its first and last 64 KiB of data (reading 98 GB to hash is not an option)."""
-    from ..loading import safetensors_files
+    """16 bytes that differ between checkpoints: config.json, each safetensors file's name, size
+    and header, every small tensor whole, and 4 KiB blocks spread over the rest (hashing all
+    98 GB would take minutes; a fine-tune changes the norms, a different conversion the header)."""
+    from ..loading import check_safetensors, safetensors_files
 
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for path in safetensors_files(folder):
+        header = check_safetensors(path)
         size = path.stat().st_size
-        h.update(json.dumps([path.name, size]).encode())
+        h.update(json.dumps([path.name, size, header], sort_keys=True).encode())
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, size)))
-            h.update(f.read(1 << 16))
-            f.seek(max(8 + n, size - (1 << 16)))
-            h.update(f.read(1 << 16))
+            base = 8 + int.from_bytes(f.read(8), "little")
+            ranges = sorted(tuple(m["data_offsets"]) for k, m in header.items() if k != "__metadata__")
+            for start, end in ranges:
+                if end - start <= SMALL_TENSOR_BYTES:
+                    f.seek(base + start)
+                    h.update(f.read(end - start))
+            for i in range(SAMPLES_PER_FILE):
+                f.seek(base + (size - base) * i // SAMPLES_PER_FILE)
+                h.update(f.read(4096))
     return h.digest()[:16]
 
 

@@ -1,0 +1,290 @@
+"""Several ranks as one model (kimi_mlx/parallel): two ranks on this machine, ring backend on
+localhost, against one process. Every subprocess runs under a deadline and is killed after it,
+so a hung rank fails a test instead of hanging CI.
+
+Tolerance: fp32 logits, ||split - one|| / ||one|| <= 1e-4 (the split sums partial products in
+another order; nothing else differs). Pipeline mode computes the same ops: equal to 1e-6.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from tiny import TINY_CONFIG, random_weights, write_checkpoint
+
+HERE = Path(__file__).parent
+RTOL = {"tensor": 1e-4, "pipeline": 1e-6}
+DEADLINE_S = 120  # a whole 2-rank run; a healthy one takes a few seconds
+CLI = [sys.executable, "-c", "import sys; from kimi_mlx.cli import main; main(sys.argv[1:])"]
+LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+
+# 4-bit weights in groups of 32: every row-wise split keeps whole groups per rank at 2 ranks.
+QUANT_CONFIG = {**TINY_CONFIG, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+                "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 32,
+                "quantization": {"group_size": 32, "bits": 4},
+                "linear_attn_config": {**TINY_CONFIG["linear_attn_config"], "head_dim": 32}}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_ports(n: int) -> list[int]:
+    """n consecutive free TCP ports on localhost (mlx.launch takes a starting port)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(first, first + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return list(range(first, first + n))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def run_ranks(tmp_path: Path, commands: list[list[str]], env: dict | None = None, stdin: bytes = b"",
+              hosts: int | None = None, deadline: float = DEADLINE_S) -> list[tuple[int, str, str]]:
+    """Start commands[r] as rank r of a ring over localhost (MLX_RANK / MLX_HOSTFILE, as
+    mlx.launch sets them), each fed `stdin`; -> [(returncode, stdout, stderr)]. hosts: ring size
+    (default: one per command; more leaves ranks missing). Kills every rank at the deadline."""
+    ports = free_ports(hosts or len(commands))
+    hostfile = tmp_path / f"hosts-{ports[0]}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    (tmp_path / "stdin").write_bytes(stdin)
+    procs = []
+    try:
+        for rank, cmd in enumerate(commands):
+            e = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **(env or {})}
+            with open(tmp_path / "stdin", "rb") as f:
+                procs.append(subprocess.Popen(cmd, env=e, stdin=f, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, cwd=HERE))
+        end = time.monotonic() + deadline
+        out = []
+        for p in procs:
+            o, e = p.communicate(timeout=max(1.0, end - time.monotonic()))
+            out.append((p.returncode, o.decode(), e.decode()))
+        return out
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ranks still running after {deadline} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def write_quantized(folder: Path) -> Path:
+    """QUANT_CONFIG's random weights, 4-bit where the input width is whole groups of 32."""
+    from kimi_mlx import Model, ModelArgs
+
+    model = Model(ModelArgs.from_dict(QUANT_CONFIG))
+    model.load_weights(list(random_weights(QUANT_CONFIG, seed=2).items()))
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+    return write_checkpoint(folder, QUANT_CONFIG, dict(tree_flatten(model.parameters())))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return {"fp32": write_checkpoint(root / "fp32"), "q4": write_quantized(root / "q4")}
+
+
+@pytest.fixture(scope="module")
+def demo32(tmp_path_factory):
+    """The demo model (it has a tokenizer) with fp32 weights: CLI runs compare exactly."""
+    from kimi_mlx.loading import demo_model_path
+
+    src, dst = demo_model_path(), tmp_path_factory.mktemp("demo32")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in mx.load(str(src / "model.safetensors")).items()}
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def split_runs(folders, tmp_path_factory):
+    """One 2-rank run of tests/parallel_worker.py over every (mode, checkpoint) job."""
+    tmp = tmp_path_factory.mktemp("runs")
+    jobs = [("tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")]
+    cmd = [sys.executable, str(HERE / "parallel_worker.py"), str(tmp / "out")] + [
+        f"{mode}:{folders[name]}" for mode, name in jobs]
+    results = run_ranks(tmp, [cmd, cmd])
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    return {job: [dict(np.load(tmp / f"out-{j}-{r}.npz")) for r in range(2)] for j, job in enumerate(jobs)}
+
+
+# ---------------------------------------------------------------- logits against one process
+
+
+@pytest.mark.parametrize("mode,name", [("tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+def test_split_logits_equal_one_process(split_runs, folders, mode, name):
+    import parallel_worker
+
+    from kimi_mlx.loading import load_model
+
+    ref = parallel_worker.logits(load_model(folders[name]))
+    for rank, got in enumerate(split_runs[mode, name]):
+        for case in ("whole", "stepped", "decode"):
+            assert got[case].shape == ref[case].shape
+            err = rel(got[case], ref[case])
+            assert err <= RTOL[mode], f"rank {rank} {case}: rel {err:.2e}"
+
+
+@pytest.mark.parametrize("mode,name", [("tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+def test_each_rank_holds_part_of_the_weights(split_runs, folders, mode, name):
+    from kimi_mlx.loading import load_model
+
+    whole = sum(p.nbytes for _, p in tree_flatten(load_model(folders[name]).parameters()))
+    held = [int(run["param_bytes"]) for run in split_runs[mode, name]]
+    # The tiny model's replicated parts (embedding, lm_head, norms, router, f_a/g_a, kv_a) are a
+    # large share of it; at the real size they are ~3% (kimi-mlx plan --ranks 2).
+    assert all(h < 0.8 * whole for h in held), (held, whole)
+    if mode == "pipeline":
+        assert sum(held) < 1.5 * whole
+
+
+# ---------------------------------------------------------------- expert parallel paths
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_local_experts_sum_to_all_experts(tokens):
+    """Two ranks' local expert outputs (masked and compact paths) add up to all experts'."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from kimi_mlx.experts import run_experts
+    from kimi_mlx.parallel.expert import local_experts
+
+    mx.random.seed(3)
+    E, D, k = 6, 24, 3
+    full = SwitchGLU(D, 20, E)
+    x = mx.random.normal((tokens, D))
+    ids = mx.argsort(mx.random.uniform(shape=(tokens, E)), axis=-1)[:, :k]
+    w = mx.random.uniform(shape=(tokens, k))
+    ref = run_experts(full, x, ids, w)
+    for path in ("masked", "compact"):
+        total = mx.zeros_like(ref)
+        for r in range(2):
+            part = SwitchGLU(D, 20, E // 2)
+            part.update({name: {"weight": full[name]["weight"][r * 3:(r + 1) * 3]}
+                         for name in ("gate_proj", "up_proj", "down_proj")})
+            total = total + local_experts(part, x, ids, w, first=r * 3, count=3, path=path)
+        assert rel(np.array(total), np.array(ref)) < 1e-5, path
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_world_size_that_does_not_divide_is_one_line():
+    from kimi_mlx import KimiError, ModelArgs
+    from kimi_mlx.parallel.pipeline import check_pipeline_split
+    from kimi_mlx.parallel.tensor import check_tensor_split
+
+    args = ModelArgs.from_dict(TINY_CONFIG)
+    check_tensor_split(args, 2)
+    with pytest.raises(KimiError, match=r"3 ranks do not divide the model's 2 KDA heads.*pipeline") as e:
+        check_tensor_split(args, 3)
+    assert "\n" not in str(e.value)
+    with pytest.raises(KimiError, match=r"at most 4 ranks"):
+        check_pipeline_split(4, 5)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_ranks_with_different_checkpoints_refuse(tmp_path, demo32):
+    other = tmp_path / "other"
+    shutil.copytree(demo32, other)
+    w = mx.load(str(other / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.5
+    mx.save_safetensors(str(other / "model.safetensors"), w)
+    gen = CLI + ["generate", "-p", "Hi", "-n", "2", "-m"]
+    results = run_ranks(tmp_path, [gen + [str(demo32)], gen + [str(other)]])
+    assert [rc for rc, _, _ in results] == [2, 2]
+    line = _one_error_line(results[0][2])
+    assert line.startswith("error: rank 0: ranks [1] hold a different checkpoint"), line
+    assert "error: rank 1:" in results[1][2]
+
+
+def test_a_rank_that_dies_ends_the_others_with_one_line(tmp_path, demo32):
+    die = [sys.executable, "-c", "import os, sys; from kimi_mlx.parallel import load_sharded; "
+           "load_sharded(sys.argv[1]); os._exit(3)", str(demo32)]
+    results = run_ranks(tmp_path, [CLI + ["generate", "-m", str(demo32), "-p", "Hi", "-n", "4"], die])
+    assert results[1][0] == 3
+    assert results[0][0] == 2, results[0][2][-2000:]
+    line = _one_error_line(results[0][2])
+    assert line.startswith("error: rank 0: lost the connection to another rank"), line
+
+
+def test_a_rank_that_never_comes_is_one_line_not_a_hang(tmp_path):
+    t0 = time.monotonic()
+    (rc, _, err), = run_ranks(tmp_path, [CLI + ["generate", "-p", "Hi", "-n", "2"]], hosts=2,
+                              env={"KIMI_MLX_CONNECT_TIMEOUT": "2"}, deadline=60)
+    assert rc != 0 and time.monotonic() - t0 < 50
+    line = _one_error_line(err)
+    assert line.startswith("error: rank 0: the other ranks did not connect within 2 s"), line
+
+
+# ---------------------------------------------------------------- the CLI under mlx.launch
+
+
+def test_chat_turn_through_mlx_launch(tmp_path, demo32):
+    """`mlx.launch -n 2 -- kimi-mlx chat` answers as one process does (temperature 0.8, seeded:
+    every rank continues with rank 0's samples)."""
+    from kimi_mlx.chat import run_chat
+
+    stdin = "Name an animal.\nWhat is 2+2?\n/quit\n"  # mlx.launch never closes the ranks' stdin: /quit ends
+    sampling = dict(temperature=0.8, top_p=0.0, top_k=0, min_p=0.0, repetition_penalty=None, seed=5)
+    one = io.StringIO()
+    run_chat(str(demo32), max_tokens=16, sampling=sampling, stdin=io.StringIO(stdin), stdout=one, stderr=io.StringIO())
+
+    port = free_ports(2)[0]
+    cmd = LAUNCH + ["--backend", "ring", "-n", "2", "-p", str(port), "--"] + CLI + [
+        "chat", "-m", str(demo32), "-n", "16", "--temp", "0.8", "--seed", "5"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                         start_new_session=True)  # its own process group: the ranks die with it
+    try:
+        out, err = p.communicate(stdin.encode(), timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mlx.launch chat still running after the deadline (a hang)")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert one.getvalue().strip(), "the reference chat said nothing"
+    assert out.decode() == one.getvalue()
