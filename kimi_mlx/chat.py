@@ -25,6 +25,7 @@ from typing import Iterator, TextIO
 import mlx.core as mx
 
 from .errors import KimiError
+from .files import MAX_PROMPT_BYTES
 from .generate import (DEFAULT_PREFILL_STEP, PROGRESS_MIN_TOKENS, GenerationResponse, check_context, check_sampling,
                        stream_generate)
 from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
@@ -305,7 +306,12 @@ class _Terminal:
                 return None
         self.stdout.write(">>> ")
         self.stdout.flush()
-        line = self.stdin.readline()
+        line = self.stdin.readline(MAX_PROMPT_BYTES + 1)  # a bound: a line without end (/dev/zero) must not fill memory
+        if len(line) > MAX_PROMPT_BYTES and not line.endswith("\n"):
+            while (rest := self.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+                pass  # skip the rest of that line, holding 1 MiB at a time
+            raise KimiError(f"message longer than {MAX_PROMPT_BYTES >> 20} MiB, more text than a model context "
+                            "holds; it was skipped")
         return line.rstrip("\r\n") if line else None
 
     def write(self, text: str) -> None:
@@ -390,6 +396,9 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
         except OSError as e:  # stdin unreadable: say so and end, the conversation cannot go on
             term.note(f"error: cannot read the input ({e.strerror or e})")
             return 1
+        except KimiError as e:  # a line too long to be a message: skipped, the session goes on
+            term.note(f"error: {e}")
+            continue
         if line is None:
             term.write("\n")
             return 0

@@ -28,13 +28,9 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise KimiError("give exactly one of --prompt or --prompt-file")
     if prompt_file is None:
         return check_text_option(prompt, "--prompt")
-    try:
-        return Path(prompt_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KimiError(f"{prompt_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
-    except OSError as e:
-        raise KimiError(f"{prompt_file}: cannot read the prompt ({e.strerror})") from None
+    from .files import read_prompt_file
+
+    return read_prompt_file(prompt_file)
 
 
 def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sampling, verbose, out=None,

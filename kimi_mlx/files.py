@@ -44,3 +44,29 @@ def read_json_object(path: str | Path, fix: str, error: type[KimiError] = ModelF
     if not isinstance(data, dict):
         raise error(f"{path}: holds a JSON {type(data).__name__}, expected an object {{...}}; {fix}")
     return data
+
+
+# The longest prompt read from a file or a chat line: 256 MiB of text is more than the released
+# model's context (1,048,576 tokens) holds at any realistic bytes per token, so a longer input
+# (a wrong file, /dev/zero) is refused instead of filling memory and then the tokenizer's time.
+MAX_PROMPT_BYTES = 256 << 20
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """A prompt file's text: UTF-8, at most MAX_PROMPT_BYTES. Refused in one KimiError line: a
+    file that cannot be read (missing, a folder, permissions), one that is not UTF-8 (naming the
+    first bad byte: the user can fix the file, and a silently altered prompt would be cached), or
+    one past the limit. Pipes and process substitution (<(cmd)) are read like files."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as e:
+        raise KimiError(f"{path}: cannot read the prompt ({e.strerror or e})") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise KimiError(f"{path}: longer than {MAX_PROMPT_BYTES >> 20} MiB, more text than a model context "
+                        "holds; pass a smaller file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KimiError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None

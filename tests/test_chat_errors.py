@@ -198,6 +198,34 @@ def test_a_failed_write_leaves_no_file(folder, tmp_path, monkeypatch):  # noqa: 
 
 
 @pytest.mark.parametrize("command", [["generate"], ["cache-prompt", "out.safetensors"]])
+@pytest.mark.parametrize("source", ["/dev/zero", "big_file", "folder", "missing"])
+def test_a_prompt_file_without_end_or_too_big_is_one_line(folder, tmp_path, monkeypatch, command, source):  # noqa: F811
+    """--prompt-file is read up to files.MAX_PROMPT_BYTES (here lowered to 1 MiB): /dev/zero or a
+    file past it is refused in one line instead of filling memory; a folder or a missing file too."""
+    from kimi_mlx import files
+
+    monkeypatch.setattr(files, "MAX_PROMPT_BYTES", 1 << 20)
+    path = {"/dev/zero": "/dev/zero", "folder": str(tmp_path)}.get(source, str(tmp_path / "prompt.txt"))
+    if source == "big_file":
+        Path(path).write_text("word " * (1 << 18) + "end")  # 1.25 MiB
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--model", str(folder), "--prompt-file", path])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, result.output
+    assert path in err and "Traceback" not in result.output and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_chat_line_without_end_is_skipped_in_one_line(loaded, monkeypatch):  # noqa: F811
+    """A line past MAX_PROMPT_BYTES (stdin from /dev/zero, a runaway pipe) is skipped with one error
+    line, read 1 MiB at a time (memory stays bounded); the lines after it are read as usual."""
+    model, tok = loaded
+    monkeypatch.setattr(chat_module, "MAX_PROMPT_BYTES", 1000)
+    session = ChatSession(model, tok, max_tokens=3)
+    stdin = io.StringIO("a" * 5000 + "\n" + "short message\n")
+    code, notes = run_lines(session, [], stdin=stdin)
+    assert code == 0 and len(error_lines(notes)) == 1 and "longer than" in notes, notes
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["short message"]
+@pytest.mark.parametrize("command", [["generate"], ["cache-prompt", "out.safetensors"]])
 def test_a_prompt_file_that_is_not_utf8_is_one_line_naming_it(folder, tmp_path, command):  # noqa: F811
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
