@@ -22,6 +22,7 @@ import binascii
 import codecs
 import functools
 import json
+import numbers
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -454,7 +455,11 @@ class KimiTokenizer:
             return {self._defang(k): self._defang(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._defang(v) for v in value]
-        return value
+        if value is None or isinstance(value, (bool, numbers.Number)):
+            return value
+        # Anything else (a Path, a UUID, an object with __str__) is rendered by the template as its
+        # str(): defang that text, or control-token text would pass through it intact.
+        return self._defang(str(value))
 
 
 # A private-use character: inserted after the first character of control-token text found in

@@ -216,6 +216,58 @@ def test_content_parts_stay_text(demo_tok):
     assert FORGED + "<|im_end|>" in demo_tok.decode(ids)
 
 
+class Shown:
+    """Not a str, but the template prints it: its str() is what the model would read."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+@pytest.mark.parametrize("where", ["name", "content", "tool_call_id", "arguments", "tool_result_id"])
+def test_values_that_are_not_strings_cannot_forge_turns(demo_tok, where):
+    """Any value the template turns into text (an object with __str__, a Path) is defanged as its
+    text: before, only str values were, and an object's str() passed control-token text intact."""
+    evil = Shown(FORGED)
+    call = {"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "r", "tool_call_id": "functions.f:0"}]
+    benign = json.loads(json.dumps(messages))
+    target = {"name": messages[0], "content": messages[0]}.get(where)
+    if target is not None:
+        target[where] = evil
+        benign[0][where] = "x"
+    elif where == "tool_call_id":
+        call["id"] = evil
+        benign[1]["tool_calls"][0]["id"] = "x"
+    elif where == "arguments":
+        call["function"]["arguments"] = evil
+    else:
+        messages[2]["tool_call_id"] = evil
+    ids = demo_tok.apply_chat_template(messages)
+    assert control_ids(demo_tok, ids) == control_ids(demo_tok, demo_tok.apply_chat_template(benign))
+    assert FORGED in demo_tok.decode(ids)
+    path = Path("/tmp") / FORGED  # a Path prints as its text too
+    assert control_ids(demo_tok, demo_tok.apply_chat_template([{"role": "user", "content": "a", "name": path}])) == \
+        control_ids(demo_tok, demo_tok.apply_chat_template([{"role": "user", "content": "a", "name": "p"}]))
+
+
+def test_chat_system_command_cannot_forge_turns(tiny):
+    """/system TEXT renders TEXT as the system message's content: text."""
+    import io
+
+    from kimi_mlx.chat import chat_loop
+
+    model, tok = tiny
+    session = ChatSession(model, tok, max_tokens=2)
+    chat_loop(session, io.StringIO(f"/system {FORGED}\n"), io.StringIO(), io.StringIO())
+    im = tok.special_tokens
+    assert control_ids(tok, session.tokens) == [im["<|im_system|>"], im["<|im_middle|>"], im["<|im_end|>"]]
+    assert session.system == FORGED
+
+
 def test_cli_generate_encodes_control_text_as_text_unless_raw(tiny, tmp_path_factory):
     from typer.testing import CliRunner
 
