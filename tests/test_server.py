@@ -212,7 +212,7 @@ def test_keepalive_comments_while_waiting_then_the_stream(demo):
     s.engine.stop(drain=False)
     s.engine.stopping = False
     try:
-        body = json.dumps({"prompt": "1+1=", "max_tokens": 3, "stream": True}).encode()
+        body = json.dumps({"prompt": "1+1=", "max_tokens": 3, "stream": True, "ignore_eos": True}).encode()
         with urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=body), timeout=30) as r:
             first = r.readline() + r.readline()
             assert first == b": keep-alive\n\n"
@@ -400,15 +400,28 @@ def test_one_failing_request_does_not_stop_the_server(live, monkeypatch):
 
     real = engine_mod.RowSampler.__call__
 
-    def boom(self, logprobs):
-        if self.params.seed == 666:
+    def boom(self, logprobs):  # the seed-666 request fails at its 4th token: inside the decode batch
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.params.seed == 666 and self.calls > 3:
             raise RuntimeError("planted failure")
         return real(self, logprobs)
 
     monkeypatch.setattr(engine_mod.RowSampler, "__call__", boom)
     c = live.client()
+    beside = {}
+
+    def long_request():  # decodes in the same batch while the other one fails
+        beside["r"] = c.completions.create(model="demo", prompt="copy a b", max_tokens=150, temperature=1, seed=2,
+                                           extra_body={"ignore_eos": True})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.2)
     with pytest.raises(openai.InternalServerError):
-        c.completions.create(model="demo", prompt="1+1=", max_tokens=3, temperature=1, seed=666)
+        c.completions.create(model="demo", prompt="1+1=", max_tokens=30, temperature=1, seed=666,
+                             extra_body={"ignore_eos": True})
+    t.join(120)
+    assert beside["r"].usage.completion_tokens == 150 and beside["r"].choices[0].finish_reason == "length"
     assert c.completions.create(model="demo", prompt="1+1=", max_tokens=3, temperature=1, seed=1).usage
 
 

@@ -236,3 +236,36 @@ def test_short_prompt_is_not_held_back_by_a_long_one(demo):
     finally:
         eng.stop()
     assert order == ["short", "long"]
+
+
+def test_batched_prefill_over_cached_prefixes_equals_single_requests(demo):
+    """Three requests prefill together on top of state-cache snapshots of 23 and 71 tokens and a
+    fresh cache (carried caches of different lengths, left-padded chunks: the KDA padding rule
+    at work); each gets the tokens and logprobs it gets alone."""
+    model, tok = demo
+    a, b = _ids(23, 31), _ids(71, 32)
+    prompts = [a + _ids(9, 33), b + _ids(2, 34), _ids(40, 35)]
+    eng = Engine(model, tok, state_cache=StateCache(64 << 20), prefill_step=32)
+    for prefix in (a, b):  # leave snapshots at the prefixes
+        q = queue.Queue()
+        eng.submit(Request(ids=prefix + [5], max_tokens=1, snapshot_at=[len(prefix)], deliver=q.put))
+        eng.start()
+        _collect(q)
+        eng.stop()
+        eng.stopping = False
+    outs = [queue.Queue() for _ in prompts]
+    steps_before = eng.stats["prefill_steps"]
+    for p, q in zip(prompts, outs):
+        eng.submit(Request(ids=p, max_tokens=6, top_logprobs=0, ignore_eos=True, deliver=q.put))
+    eng.start()
+    try:
+        results = [_collect(q) for q in outs]
+    finally:
+        eng.stop()
+    assert [r[2].usage["cached_tokens"] for r in results] == [23, 71, 0]
+    assert eng.stats["prefill_steps"] - steps_before == 2  # together: 32 + 8 tokens of the longest chunk
+    for p, (toks, lps, _) in zip(prompts, results):
+        ref = [r for r in stream_generate(model, tok, p, 6) if r.token is not None]
+        n = min(len(ref), len(toks))
+        assert toks[:n] == [r.token for r in ref][:n]
+        assert max(abs(x - r.logprob) for x, r in zip(lps[:n], ref)) <= TOL_LOGPROB

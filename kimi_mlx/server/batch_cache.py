@@ -8,12 +8,15 @@ Layouts (kimi_mlx/cache.py):
   mlx-lm's BatchKVCache does for attention caches. Decode steps append one token to every row,
   so padding only ever sits at the start of a row; a row leaving the batch may let the common
   padding be trimmed.
-The batched cache is a plain list of layer caches: the model runs on it unchanged.
+The batched cache is a plain list of layer caches: the model runs on it unchanged. After a
+batched prefill chunk a row may also hold padding in its middle (its chunk was left-padded on
+top of its earlier tokens); split_rows gathers each row's real positions back out.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from ..cache import KDACache, LatentCache
 
@@ -44,21 +47,33 @@ def _latent_from(arrays: list[mx.array], valid: mx.array, like: LatentCache) -> 
 
 
 def merge_caches(caches: list[list]) -> list:
-    """Caches of several batches (each a list of layer caches, rows in order) -> one batch."""
+    """Caches of several batches (each a list of layer caches, rows in order) -> one batch.
+    A fresh cache (nothing consumed yet) joins as zero state / all-padding latent rows."""
     out = []
     for layer in zip(*caches):
-        if isinstance(layer[0], KDACache):
+        filled = [c for c in layer if c.state]
+        if not filled:  # all fresh: the layers start a batch of their own
+            out.append(KDACache() if isinstance(layer[0], KDACache) else LatentCache(layer[0].kv_bits,
+                                                                                      layer[0].group_size))
+            continue
+        like = filled[0]
+        if isinstance(like, KDACache):
             merged = KDACache()
-            merged.state = [mx.concatenate(parts, axis=0) for parts in zip(*(c.state for c in layer))]
+            parts = [c.state if c.state else [mx.zeros((1, *a.shape[1:]), dtype=a.dtype) for a in like.state]
+                     for c in layer]
+            merged.state = [mx.concatenate(p, axis=0) for p in zip(*parts)]
             merged.offset = max(c.offset for c in layer)
             out.append(merged)
             continue
-        rows = [_latent_rows(c) for c in layer]
+        ref, _ = _latent_rows(like)
+        rows = [_latent_rows(c) if c.state else
+                ([mx.zeros((1, 0, *a.shape[2:]), dtype=a.dtype) for a in ref], mx.zeros((1, 0), dtype=mx.bool_))
+                for c in layer]
         S = max(v.shape[1] for _, v in rows)
         arrays = [mx.concatenate([_left_pad(a[j], S - a[j].shape[1]) for a, _ in rows], axis=0)
-                  for j in range(len(rows[0][0]))]
+                  for j in range(len(ref))]
         valid = mx.concatenate([_left_pad(v, S - v.shape[1], False) for _, v in rows], axis=0)
-        out.append(_latent_from(arrays, valid, layer[0]))
+        out.append(_latent_from(arrays, valid, like))
     return out
 
 
@@ -88,3 +103,27 @@ def select_rows(cache: list, rows: list[int]) -> list:
 def extract_row(cache: list, row: int) -> list:
     """One row as a single-request cache (B = 1, no padding): what the request consumed."""
     return select_rows(cache, [row])
+
+
+def split_rows(cache: list) -> list[list]:
+    """A batch -> one single-request cache per row, each without its padding (which may sit
+    anywhere in a row after a left-padded prefill chunk on top of merged caches): the row's
+    valid latent positions are gathered, and a row with no padding carries no key mask."""
+    B = next((c.state[0].shape[0] for c in cache if c.state), 1)
+    out = [[] for _ in range(B)]
+    for c in cache:
+        if isinstance(c, KDACache):
+            for b in range(B):
+                new = KDACache()
+                new.state, new.offset = [a[b:b + 1] for a in c.state], c.offset
+                out[b].append(new)
+            continue
+        arrays, valid = _latent_rows(c)
+        valid_np = np.array(valid)
+        for b in range(B):
+            keep = np.flatnonzero(valid_np[b])
+            rows = [a[b:b + 1] if len(keep) == a.shape[1] else a[b:b + 1, mx.array(keep)] for a in arrays]
+            new = _latent_from(rows, mx.ones((1, len(keep)), dtype=mx.bool_), c)
+            new.key_mask = None
+            out[b].append(new)
+    return out

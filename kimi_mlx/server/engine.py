@@ -4,9 +4,10 @@ One thread owns the model. Each turn of its loop it
   1. drops cancelled requests (a client that went away frees its row at once),
   2. admits waiting requests while the batch has room (`max_batch` rows prefilling or decoding;
      beyond that `max_queue` requests wait, and more are refused with QueueFull -> HTTP 429),
-  3. runs one prefill step (at most `prefill_step` tokens) of an admitted request (round robin), alone
-     (B = 1, no padding: its logits are a single request's), from the longest state-cache
-     snapshot that prefixes its prompt, snapshotting at the message boundaries it was given,
+  3. runs one prefill step (at most `prefill_step` tokens) of an admitted request (round robin),
+     batched with the next chunks of other short prompts (left padding and masks: the logits
+     are each request's own), from the longest state-cache snapshot that prefixes its prompt,
+     snapshotting at the message boundaries it was given,
   4. runs one decode step for every decoding row at once: the rows' caches are merged into one
      batched cache (kimi_mlx/server/batch_cache.py: KDA states concatenated, MLA latents
      left-padded with a key mask), a row joins after its prefill and leaves when it finishes.
@@ -33,11 +34,14 @@ import mlx.core as mx
 
 from ..errors import KimiError
 from ..generate import DEFAULT_PREFILL_STEP, ReplyText
-from .batch_cache import extract_row, merge_caches, select_rows
+from .batch_cache import extract_row, merge_caches, select_rows, split_rows
 from .sampling import RowSampler, SamplingParams
 from .state_cache import StateCache
 
 log = logging.getLogger("kimi_mlx.server")
+# Requests prefill together (left-padded into one batch) while their caches stay this short:
+# merging and splitting copies each row's latent cache, cheap for short prompts, not for long ones.
+BATCH_PREFILL_MAX_TOKENS = 4096
 
 
 class QueueFull(KimiError):
@@ -101,8 +105,9 @@ class _Step:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_step: int = DEFAULT_PREFILL_STEP, kv_bits: int | None = None,
-                 state_cache: StateCache | None = None):
+                 state_cache: StateCache | None = None, max_prefill_batch: int = 8):
         self.model, self.tokenizer = model, tokenizer
+        self.max_prefill_batch = max_prefill_batch
         self.max_batch, self.max_queue, self.prefill_step, self.kv_bits = max_batch, max_queue, prefill_step, kv_bits
         self.state_cache = state_cache
         self.waiting: deque[Request] = deque()
@@ -217,44 +222,119 @@ class Engine:
                 self.prefilling.append(self.waiting.popleft())
 
     def _prefill_step(self) -> None:
+        """One prefill step: the next chunk (up to `prefill_step` tokens, or to the next snapshot
+        boundary) of the first admitted request, together with the next chunks of other requests
+        whose caches stay short (<= BATCH_PREFILL_MAX_TOKENS), left-padded into one batch; longer
+        prompts take their steps alone, in turn (a long prompt does not hold back short ones)."""
         if not self.prefilling:
             return
-        req = self.prefilling[0]
+        head = self.prefilling[0]
+        group = [head]
         try:
-            if req.cache is None:
-                n, cache = (0, None) if self.state_cache is None else self.state_cache.lookup(req.ids)
-                req.cache = cache if cache is not None else self.model.make_cache(self.kv_bits)
-                req.pos = req.cached_tokens = n
-                self.stats["prompt_tokens"] += len(req.ids)
-                self.stats["cached_tokens"] += n
-            end = min(req.pos + self.prefill_step, len(req.ids))
-            later = [b for b in req.snapshot_at if req.pos < b < end]
-            end = later[0] if later else end  # stop at a boundary to snapshot there
-            logits = self.model(mx.array(req.ids[req.pos:end])[None], cache=req.cache, last_only=True)
-            mx.eval(logits, [c.state for c in req.cache])
-            req.pos = end
+            self._open(head)
+            if self._short(head):
+                for r in list(self.prefilling)[1:]:
+                    if len(group) >= self.max_prefill_batch:
+                        break
+                    self._open(r)
+                    if self._short(r):
+                        group.append(r)
+            spans = [(r.pos, self._chunk_end(r)) for r in group]
+            if len(group) == 1:
+                (a, b), = spans
+                logits = self.model(mx.array(head.ids[a:b])[None], cache=head.cache, last_only=True)  # [1, 1, V]
+                mx.eval(logits, [c.state for c in head.cache])
+            else:
+                logits = self._prefill_batch(group, spans)
             self.stats["prefill_steps"] += 1
-            if self.state_cache is not None and end in req.snapshot_at:
-                self.state_cache.insert(req.ids[:end], req.cache)
-            if end < len(req.ids):
-                self.prefilling.rotate(-1)  # round robin: a long prompt does not hold back short ones
-                return
-            self.prefilling.popleft()
-            req.reply = ReplyText(self.tokenizer, req.max_tokens, req.stop)
-            if req.ignore_eos:
-                req.reply.eos = set()
-            req.sampler = RowSampler(req.sampling)
-            ((token, lp),) = self._sample([req], logits[:, -1])
-            if not self._emit(req, token, lp, req.cache):
-                cache = req.cache
-                self.batch_cache = cache if self.batch_cache is None else merge_caches([self.batch_cache, cache])
-                self.rows.append(req)
-                req.cache = None
-        except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
-            if req in self.prefilling:
-                self.prefilling.remove(req)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the server goes on
             log.error("prefill failed:\n%s", traceback.format_exc())
-            self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+            for r in group:
+                if r in self.prefilling:
+                    self.prefilling.remove(r)
+                self._fail(r, f"prefill failed: {type(e).__name__}: {e}")
+            return
+        done = []
+        for i, (r, (_, end)) in enumerate(zip(group, spans)):
+            r.pos = end
+            if self.state_cache is not None and end in r.snapshot_at:
+                self.state_cache.insert(r.ids[:end], r.cache)
+            if end == len(r.ids):
+                done.append(i)
+        for i in done:
+            self.prefilling.remove(group[i])
+        if head in self.prefilling:
+            self.prefilling.remove(head)
+            self.prefilling.append(head)  # round robin
+        if done:
+            self._start_replies([group[i] for i in done], logits[mx.array(done), -1])
+
+    def _open(self, req: Request) -> None:
+        """Give a request its cache: the longest state-cache snapshot of its prompt, or a fresh one."""
+        if req.cache is not None:
+            return
+        n, cache = (0, None) if self.state_cache is None else self.state_cache.lookup(req.ids)
+        req.cache = cache if cache is not None else self.model.make_cache(self.kv_bits)
+        req.pos = req.cached_tokens = n
+        self.stats["prompt_tokens"] += len(req.ids)
+        self.stats["cached_tokens"] += n
+
+    def _chunk_end(self, req: Request) -> int:
+        end = min(req.pos + self.prefill_step, len(req.ids))
+        later = [b for b in req.snapshot_at if req.pos < b < end]
+        return later[0] if later else end  # stop at a boundary to snapshot there
+
+    def _short(self, req: Request) -> bool:
+        return self._chunk_end(req) <= BATCH_PREFILL_MAX_TOKENS
+
+    def _prefill_batch(self, group: list[Request], spans: list[tuple[int, int]]) -> mx.array:
+        """The chunks of several requests in one call: their caches merged, the chunks left-padded
+        (mask 0: KDA and MLA leave padding out of every row's state), then each row's cache taken
+        back without its padding. -> logits [B, 1, V] of each row's last token."""
+        T = max(b - a for a, b in spans)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = mx.array([[pad] * (T - (b - a)) + r.ids[a:b] for r, (a, b) in zip(group, spans)], dtype=mx.int32)
+        mask = mx.array([[0] * (T - (b - a)) + [1] * (b - a) for a, b in spans], dtype=mx.int32)
+        cache = merge_caches([r.cache for r in group])
+        logits = self.model(ids, cache=cache, mask=mask, last_only=True)  # [B, 1, V]
+        mx.eval(logits, [c.state for c in cache])
+        for r, row in zip(group, split_rows(cache)):
+            r.cache = row
+        return logits
+
+    def _start_replies(self, reqs: list[Request], logits: mx.array) -> None:
+        """Sample the first token of each request whose prompt is in; the unfinished join the batch."""
+        for r in reqs:
+            r.reply = ReplyText(self.tokenizer, r.max_tokens, r.stop)
+            if r.ignore_eos:
+                r.reply.eos = set()
+            r.sampler = RowSampler(r.sampling)
+        joining = []
+        try:
+            sampled = self._sample(reqs, logits)
+        except Exception as e:  # noqa: BLE001
+            log.error("sampling failed:\n%s", traceback.format_exc())
+            for r in reqs:
+                if not r.done:
+                    self._fail(r, f"sampling failed: {type(e).__name__}: {e}")
+            return
+        for r, (token, lp) in zip(reqs, sampled):
+            if r.done:  # its sampler failed
+                continue
+            try:
+                if not self._emit(r, token, lp, r.cache):
+                    joining.append(r)
+                else:
+                    r.cache = None
+            except Exception as e:  # noqa: BLE001
+                log.error("emit failed:\n%s", traceback.format_exc())
+                self._fail(r, f"{type(e).__name__}: {e}")
+        if joining:
+            parts = ([self.batch_cache] if self.batch_cache is not None else []) + [r.cache for r in joining]
+            self.batch_cache = parts[0] if len(parts) == 1 else merge_caches(parts)
+            self.rows.extend(joining)
+            for r in joining:
+                r.cache = None
 
     def _decode_step(self) -> None:
         """Launch the next decode step for every row (asynchronously), then deliver the tokens of
@@ -278,19 +358,20 @@ class Engine:
             self._fail_batch(f"decode failed: {type(e).__name__}: {e}", prev)
             return
         index = {id(r): i for i, r in enumerate(self.rows)}
-        finished = set()
         for r, (token, lp) in zip(prev.rows, results):
             if r.done:
                 continue
             try:
-                if self._emit(r, token, lp, None, row=index[id(r)]):
-                    finished.add(id(r))
+                self._emit(r, token, lp, None, row=index[id(r)])
             except Exception as e:  # noqa: BLE001
                 log.error("emit failed:\n%s", traceback.format_exc())
                 self._fail(r, f"{type(e).__name__}: {e}")
-                finished.add(id(r))
-        if finished:
-            self._keep_rows([i for i, r in enumerate(self.rows) if id(r) not in finished])
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        """Rows that finished or failed leave the batch."""
+        if any(r.done for r in self.rows):
+            self._keep_rows([i for i, r in enumerate(self.rows) if not r.done])
 
     def _launch(self, prev: "_Step | None") -> "_Step":
         """Queue one decode step of all rows: each feeds the token the previous step sampled for
@@ -307,7 +388,9 @@ class Engine:
         for r in self.rows:
             r.fed += 1
         self.stats["decode_steps"] += 1
-        return _Step(list(self.rows), lazy)
+        step = _Step(list(self.rows), lazy)
+        self._drop_done()  # a row whose sampler failed
+        return step
 
     def _fail_batch(self, message: str, prev: "_Step | None") -> None:
         for r in {id(r): r for r in [*self.rows, *(prev.rows if prev else [])]}.values():
@@ -325,8 +408,15 @@ class Engine:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [B, V]
         tokens = mx.argmax(logprobs, axis=-1)  # [B]: one op for every greedy row
         if not all(r.sampler.greedy for r in reqs):
-            tokens = mx.concatenate([tokens[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1])
-                                     for i, r in enumerate(reqs)])
+            parts = []
+            for i, r in enumerate(reqs):
+                try:
+                    parts.append(tokens[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1]))
+                except Exception as e:  # noqa: BLE001 - this request fails (and leaves), not its batch
+                    log.error("sampling failed:\n%s", traceback.format_exc())
+                    self._fail(r, f"sampling failed: {type(e).__name__}: {e}")
+                    parts.append(tokens[i:i + 1])
+            tokens = mx.concatenate(parts)
         tokens = tokens.astype(mx.int32)
         chosen = top = None
         if any(r.top_logprobs is not None for r in reqs):
@@ -337,8 +427,7 @@ class Engine:
             top = (top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1))
         return tokens, chosen, top
 
-    @staticmethod
-    def _read(reqs: list[Request], lazy) -> list[tuple[int, tuple]]:
+    def _read(self, reqs: list[Request], lazy) -> list[tuple[int, tuple]]:
         """Wait for a sampled step; per row (token, (logprob | None, top [(id, logprob)] | None))."""
         tokens, chosen, top = lazy
         tokens_l = tokens.tolist()
