@@ -269,3 +269,21 @@ def test_batched_prefill_over_cached_prefixes_equals_single_requests(demo):
         n = min(len(ref), len(toks))
         assert toks[:n] == [r.token for r in ref][:n]
         assert max(abs(x - r.logprob) for x, r in zip(lps[:n], ref)) <= TOL_LOGPROB
+
+
+def test_failing_snapshot_never_fails_a_request(demo, monkeypatch):
+    model, tok = demo
+    eng = Engine(model, tok, state_cache=StateCache(64 << 20))
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(eng.state_cache, "insert", broken)
+    q = queue.Queue()
+    eng.submit(Request(ids=_ids(30, 3), max_tokens=4, snapshot_at=[10, 30], ignore_eos=True, deliver=q.put))
+    eng.start()
+    try:
+        toks, _, last = _collect(q)
+    finally:
+        eng.stop()
+    assert len(toks) == 4 and last.finish_reason == "length"

@@ -180,12 +180,21 @@ class Engine:
 
     def _finish(self, req: Request, ev: Event, cache: list | None) -> None:
         req.done = True
-        if cache is not None and req.snapshot_reply and self.state_cache is not None:
-            consumed = req.ids + req.generated[:req.fed]  # tokens the cache has consumed
-            self.state_cache.insert(consumed, cache)
+        if cache is not None and req.snapshot_reply:
+            self._snapshot(req.ids + req.generated[:req.fed], cache)  # the tokens the cache has consumed
         self.stats["finished"] += 1
         req.cache = None
         req.deliver(ev)
+
+    def _snapshot(self, tokens: list[int], cache: list) -> None:
+        """Keep the state for later requests; a snapshot is only a saving, so its failure (a full
+        spill disk, say) is logged and never fails a request."""
+        if self.state_cache is None:
+            return
+        try:
+            self.state_cache.insert(tokens, cache)
+        except Exception:  # noqa: BLE001
+            log.error("state snapshot failed:\n%s", traceback.format_exc())
 
     def _fail(self, req: Request, message: str) -> None:
         req.done = True
@@ -257,8 +266,8 @@ class Engine:
         done = []
         for i, (r, (_, end)) in enumerate(zip(group, spans)):
             r.pos = end
-            if self.state_cache is not None and end in r.snapshot_at:
-                self.state_cache.insert(r.ids[:end], r.cache)
+            if end in r.snapshot_at:
+                self._snapshot(r.ids[:end], r.cache)
             if end == len(r.ids):
                 done.append(i)
         for i in done:
