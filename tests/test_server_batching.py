@@ -162,8 +162,17 @@ def test_state_cache_longest_prefix_lru_and_spill(demo, tmp_path):
     assert n == 30
     ref = [x.copy() for x in c30]
     assert rel_err(model(mx.array([[4]]), cache=snap), model(mx.array([[4]]), cache=ref)) == 0
-    sc.clear()
-    assert sc.nbytes == 0 and not list(tmp_path.iterdir())
+    # a server started later on the same folder finds what was spilled there
+    sc.insert(a[:30], c30)
+    sc.max_bytes = 0
+    sc._evict()  # everything to disk
+    assert len(list(tmp_path.iterdir())) >= 2
+    later = StateCache(max_bytes=10 * size, spill_dir=tmp_path, spill_bytes=100 * size, model=model)
+    n, snap = later.lookup(a + [7])
+    assert n == 50
+    assert rel_err(model(mx.array([[4]]), cache=snap), model(mx.array([[4]]), cache=[x.copy() for x in c50])) == 0
+    later.clear()
+    assert later.nbytes == 0 and not list(tmp_path.iterdir())
 
 
 def test_engine_snapshots_at_boundaries_and_reuses_them(demo):

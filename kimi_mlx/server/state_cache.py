@@ -10,7 +10,8 @@ with the request's cache, which are never written in place.
 Memory is bounded in bytes (least recently used snapshots go first). With a spill folder an
 evicted snapshot is written there in the prompt-cache format (kimi_mlx/prompt_cache.py: raw
 form, loadable by `kimi-mlx generate --raw --prompt-cache FILE`) and read back on a hit; the
-folder is bounded in bytes too. Only the engine's model thread calls this.
+folder is bounded in bytes too, and a server started on it takes in the snapshots an earlier
+one left there (same model only). Only the engine's model thread calls this.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..prompt_cache import PROMPT_CACHE_FORMAT, read_state_file, save_state_file
+from ..prompt_cache import PROMPT_CACHE_FORMAT, model_fingerprint, read_state_file, save_state_file
 
 
 def cache_nbytes(cache: list) -> int:
@@ -68,6 +69,8 @@ class StateCache:
         self.nbytes = self.spilled_nbytes = 0
         self.hits = self.misses = 0
         self._names = itertools.count()
+        if self.spill_dir is not None and model is not None:
+            self._index_spilled()
 
     def __len__(self) -> int:
         return len(self.lru)
@@ -109,6 +112,36 @@ class StateCache:
         node.spilled = (path, size)
         self.spill_lru[id(node)] = node
         self.spilled_nbytes += size
+        while self.spilled_nbytes > self.spill_bytes and self.spill_lru:
+            _, old = self.spill_lru.popitem(last=False)
+            self._drop_spilled(old)
+            self._prune(old)
+
+    def _index_spilled(self) -> None:
+        """Take in the snapshots an earlier server spilled here for this model (oldest first in
+        the LRU), reading only their token ids: a restarted server keeps its conversations.
+        Files of other models or other formats are left alone."""
+        from safetensors import safe_open
+
+        fingerprint = model_fingerprint(self.model)
+        for path in sorted(self.spill_dir.glob("state-*.safetensors"), key=lambda p: p.stat().st_mtime):
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("format") != PROMPT_CACHE_FORMAT or meta.get("model") != fingerprint:
+                        continue
+                    tokens = f.get_tensor("tokens").astype(np.int32)
+            except Exception:  # noqa: BLE001 - an unreadable file is skipped, not fatal
+                continue
+            if len(tokens) == 0:
+                continue
+            node = self._node_at(tokens)
+            if node.spilled is not None:
+                continue
+            size = path.stat().st_size
+            node.spilled = (path, size)
+            self.spill_lru[id(node)] = node
+            self.spilled_nbytes += size
         while self.spilled_nbytes > self.spill_bytes and self.spill_lru:
             _, old = self.spill_lru.popitem(last=False)
             self._drop_spilled(old)
