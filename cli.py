@@ -167,13 +167,15 @@ def plan(
     batch: int = typer.Option(1, "--batch", help="Sequences at once"),
     backend: Optional[str] = typer.Option(None, "--backend",
                                           help="cpu or gpu: the backend to plan for (default: this machine's)"),
+    ranks: int = typer.Option(1, "--ranks", help="Plan one rank of the model split over this many (mlx.launch)"),
+    parallel: str = typer.Option("tensor", "--parallel", help="With --ranks: tensor (heads, experts) or pipeline (layers)"),
 ):
     """Memory plan: weights, KDA states, latent cache and prefill activations against the memory; exit 1 if it does not fit."""
     from kimi_mlx.plan import gib_to_bytes, plan_for_path
 
     memory = None if memory_gb is None else _run(gib_to_bytes, memory_gb)
     result = _run(plan_for_path, model, context, kv_bits=kv_bits, prefill_step=prefill_step, batch=batch,
-                  memory_bytes=memory, backend=backend)
+                  memory_bytes=memory, backend=backend, ranks=ranks, parallel=parallel)
     typer.echo(result.format())
     if not result.fits:
         raise typer.Exit(1)

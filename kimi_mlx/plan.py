@@ -74,6 +74,9 @@ class MemoryPlan:
     on_disk: tuple[int, int] | None = None  # (bytes, files) of the folder's safetensors, a cross-check
     backend: str = "gpu"  # the backend planned for: "cpu" or "gpu"
     weights_source: str = "config.json"  # what the weights were counted from
+    ranks: int = 1  # > 1: the plan of one rank (the fullest) of a model split by kimi_mlx.parallel
+    parallel: str = "tensor"  # how it is split: tensor | pipeline
+    rank: int = 0  # which rank this plan is of
 
     @property
     def total(self) -> int:
@@ -113,6 +116,10 @@ class MemoryPlan:
             f"  total         {_gib(self.total)}",
             f"  available     {_gib(self.available)}  {self.memory_source}; plans use at most {MARGIN:.0%}",
         ]
+        if self.ranks > 1:
+            lines.insert(1, f"  per rank      rank {self.rank} of {self.ranks}, {self.parallel} parallel (the fullest rank); "
+                         + ("the latent cache is whole on every rank (shared by the heads)" if self.parallel == "tensor"
+                            else "its layers, their states and caches; embedding and lm_head on every rank"))
         if self.on_disk:
             lines.append(f"  on disk       {_gib(self.on_disk[0])}  in {self.on_disk[1]} safetensors files (cross-check)")
         return "\n".join(lines + [self.verdict()])
@@ -180,13 +187,15 @@ def quant_spec(module: str, in_dim: int, quantization: dict | None) -> dict | No
     return q
 
 
-def weight_bytes(args: ModelArgs, dtype: str = "bfloat16", cpu: bool | None = None) -> tuple[int, int, dict]:
+def weight_bytes(args: ModelArgs, dtype: str = "bfloat16", cpu: bool | None = None,
+                 share=None) -> tuple[int, int, dict]:
     """-> (parameters, bytes, bytes per storage format) of Model(args) as the runtime holds it, for a
     checkpoint whose float tensors are `dtype`, on the CPU backend (cpu=True), another backend
-    (False) or this machine's default device (None)."""
+    (False) or this machine's default device (None). share(name) -> the fraction of each parameter
+    held (one rank of a split model; kimi_mlx.parallel.share)."""
     n_params, by_format = 0, Counter()
     for path, (shape, quantizable) in parameter_shapes(args).items():
-        n = prod(shape)
+        n = int(prod(shape) * (share(path) if share else 1))
         n_params += n
         spec = quant_spec(path.removesuffix(".weight"), shape[-1], args.quantization) if quantizable else None
         if spec is None:
@@ -205,11 +214,11 @@ _ST_MX = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.u
           "I8": mx.int8, "I32": mx.int32, "U16": mx.uint16, "I16": mx.int16, "BOOL": mx.bool_}
 
 
-def header_weight_bytes(folder: Path, args: ModelArgs, cpu: bool | None = None) -> tuple[int, dict, str]:
+def header_weight_bytes(folder: Path, args: ModelArgs, cpu: bool | None = None, share=None) -> tuple[int, dict, str]:
     """-> (bytes, bytes per storage format, activation dtype) of the weights in `folder` as the
     runtime would hold them, from the safetensors headers alone: each tensor, renamed to the MLX
     layout as loading does (on lazy placeholders, never allocated), at the dtype the loader gives it.
-    The activation dtype is the embedding's (or its quantization scales')."""
+    The activation dtype is the embedding's (or its quantization scales'). share: as weight_bytes."""
     from .weights import to_mlx_layout
 
     placeholders = {}
@@ -230,11 +239,12 @@ def header_weight_bytes(folder: Path, args: ModelArgs, cpu: bool | None = None) 
             label = f"{spec.get('bits', 4)}-bit {spec.get('mode', 'affine')} g{spec.get('group_size', 64)}"
         else:
             label = None
+        part = share(name) if share else 1
         if mx.issubdtype(a.dtype, mx.floating):
             held = held_float_dtype(name, dtype_name(a.dtype), cpu=cpu)
-            by_format[label or held] += a.size * FLOAT_BYTES[held]
+            by_format[label or held] += int(a.size * FLOAT_BYTES[held] * part)
         else:
-            by_format[label or dtype_name(a.dtype)] += a.nbytes
+            by_format[label or dtype_name(a.dtype)] += int(a.nbytes * part)
     embed = laid_out.get("model.embed_tokens.scales", laid_out.get("model.embed_tokens.weight"))
     act = dtype_name(embed.dtype) if embed is not None and dtype_name(embed.dtype) in FLOAT_BYTES else "bfloat16"
     return sum(by_format.values()), dict(by_format.most_common()), act
@@ -324,12 +334,20 @@ def machine_memory() -> tuple[int, str]:
 def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = None,
                 prefill_step: int | None = None, batch: int = 1, memory_bytes: int | None = None,
                 backend: str | None = None, weights: tuple[int, dict, str] | None = None,
-                dtype: str | None = None) -> MemoryPlan:
+                dtype: str | None = None, ranks: int = 1, parallel: str = "tensor", rank: int | None = None,
+                folder: Path | None = None) -> MemoryPlan:
     """The memory plan of `batch` sequences of `context` tokens (prompt + reply). `config` is
     config.json as a dict, or ModelArgs (whose weights dtype is then taken as bfloat16).
     `backend`: "cpu" or "gpu" (None: this machine's default device). `weights`: (bytes, by format,
     what they were counted from) when known better than from the config (the headers, a loaded
-    model); `dtype`: the activation dtype when known (else the config's)."""
+    model); `dtype`: the activation dtype when known (else the config's). `ranks` > 1: the plan
+    of one rank of the model split `parallel` (tensor | pipeline) by kimi_mlx.parallel, the fullest
+    one unless `rank` is given; `folder`: count its safetensors headers for each rank."""
+    if ranks != 1 and rank is None:
+        if not (isinstance(ranks, int) and not isinstance(ranks, bool) and ranks >= 1):
+            raise KimiError(f"--ranks {ranks!r}: give a whole number of ranks, at least 1")
+        return max((plan_memory(config, context, kv_bits, prefill_step, batch, memory_bytes, backend, weights, dtype,
+                                ranks, parallel, r, folder) for r in range(ranks)), key=lambda plan: plan.total)
     cpu = _backend_is_cpu(backend)
     if isinstance(config, ModelArgs):
         args, config_dtype = config, "bfloat16"
@@ -357,14 +375,26 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
         raise ContextTooLong(f"context of {context:,} tokens: past this model's maximum of {limit:,} tokens "
                              "(model_max_length in config.json); shorten the prompt or the reply")
     act = DTYPE_BYTES[dtype]
-    n_params, held, by_format = weight_bytes(args, dtype, cpu)
+    share, held_layers, state_share = None, range(args.num_hidden_layers), 1.0
+    if ranks != 1:
+        from .parallel.load import parallel_mode
+        from .parallel.share import held_share, layers_held
+
+        parallel, rank = parallel_mode(parallel), rank or 0
+        check_split(args, ranks, parallel)
+        share = lambda name: held_share(name, args.num_hidden_layers, parallel, ranks, rank)  # noqa: E731
+        held_layers, state_share = layers_held(args.num_hidden_layers, parallel, ranks, rank)
+        if folder is not None:  # the headers, this rank's share of them
+            held, by_format, _ = header_weight_bytes(folder, args, cpu, share)
+            weights = (held, by_format, "the safetensors headers")
+    n_params, held, by_format = weight_bytes(args, dtype, cpu, share)
     source = "config.json"
     if weights is not None:
         held, by_format, source = weights
-    kda_layers = sum(args.is_kda_layer(i) for i in range(args.num_hidden_layers))
+    kda_layers = sum(args.is_kda_layer(i) for i in held_layers)
     H, D, C = args.kda_heads, args.kda_head_dim, args.kda_heads * args.kda_head_dim
-    kda = kda_layers * batch * (4 * H * D * D + 3 * (args.conv_kernel - 1) * C * act)
-    mla_layers = args.num_hidden_layers - kda_layers
+    kda = int(kda_layers * batch * (4 * H * D * D + 3 * (args.conv_kernel - 1) * C * act) * state_share)
+    mla_layers = len(held_layers) - kda_layers
     latent = mla_layers * batch * latent_rows(context, prefill_step) * latent_row_bytes(args, kv_bits, act)
     # (a padded batch also keeps a [B, rows] bool key mask per MLA layer: bytes, not counted)
     T = min(prefill_step, context)
@@ -372,7 +402,19 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
     available, memory_source = (memory_bytes, "as given") if memory_bytes is not None else machine_memory()
     return MemoryPlan(context, kv_bits, prefill_step, batch, n_params, held, kda, latent, activations,
                       available, memory_source, by_format, backend="cpu" if experts_fp32(cpu) else "gpu",
-                      weights_source=source)
+                      weights_source=source, ranks=ranks, parallel=parallel, rank=rank or 0)
+
+
+def check_split(args: ModelArgs, ranks: int, parallel: str) -> None:
+    """KimiError unless `ranks` can split the model `parallel` (as loading would refuse it)."""
+    if parallel == "tensor":
+        from .parallel.tensor import check_tensor_split
+
+        check_tensor_split(args, ranks)
+    else:
+        from .parallel.pipeline import check_pipeline_split
+
+        check_pipeline_split(args.num_hidden_layers, ranks)
 
 
 def check_context_fits(config: dict | ModelArgs, context: int, kv_bits: int | None = None, **kwargs) -> MemoryPlan:
@@ -417,6 +459,8 @@ def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:
         cpu = _backend_is_cpu(kwargs.get("backend"))
         held, by_format, act = header_weight_bytes(folder, ModelArgs.from_dict(config), cpu)
         kwargs = {"weights": (held, by_format, "the safetensors headers"), "dtype": act, **kwargs}
+        if kwargs.get("ranks", 1) != 1:
+            kwargs["folder"] = folder  # each rank's share of the headers
     plan = plan_memory(config, context, **kwargs)
     if shards:
         plan.on_disk = (sum(f.stat().st_size for f in shards), len(shards))

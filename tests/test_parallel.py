@@ -175,6 +175,22 @@ def test_each_rank_holds_part_of_the_weights(split_runs, folders, mode, name):
         assert sum(held) < 1.5 * whole
 
 
+@pytest.mark.parametrize("mode,name", [("tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+def test_plan_per_rank_is_what_each_rank_holds(split_runs, folders, mode, name):
+    """`kimi-mlx plan --ranks 2` counts, for each rank, the bytes that rank's loaded model holds."""
+    from kimi_mlx.plan import plan_for_path, plan_memory, read_config
+
+    config = read_config(folders[name] / "config.json")
+    plans = []
+    for rank, run in enumerate(split_runs[mode, name]):
+        plans.append(plan_memory(config, 64, ranks=2, parallel=mode, rank=rank, folder=folders[name], backend="cpu",
+                                 dtype="float32"))  # the tiny checkpoints are float32
+        assert plans[-1].weights == int(run["param_bytes"]), (rank, plans[-1].weights, int(run["param_bytes"]))
+    fullest = plan_for_path(folders[name], 64, ranks=2, parallel=mode, backend="cpu")
+    assert fullest.total == max(p.total for p in plans) and fullest.weights in [p.weights for p in plans]
+    assert f"rank {fullest.rank} of 2" in fullest.format().splitlines()[1]
+
+
 # ---------------------------------------------------------------- expert parallel paths
 
 

@@ -21,8 +21,8 @@ def parallel_mode(mode: str | None = None) -> str:
     """`mode`, else $KIMI_MLX_PARALLEL, else "tensor"; KimiError for anything else."""
     value = mode if mode is not None else os.environ.get(PARALLEL_ENV, "tensor")
     if value not in PARALLEL_MODES:
-        raise KimiError(f"{PARALLEL_ENV}={value!r}: choose tensor (fast links: heads and experts split) or "
-                        "pipeline (slow links: layers split)")
+        raise KimiError(f"parallel mode {value!r} ({PARALLEL_ENV} or --parallel): choose tensor (fast links: heads "
+                        "and experts split) or pipeline (slow links: layers split)")
     return value
 
 
