@@ -32,7 +32,8 @@ import mlx.nn as nn
 
 from .cache import KDACache
 from .kda import get_kda_path, kda_update
-from .kda_layer import _gated, l2_normalize
+from .kda.prologue import l2_normalize
+from .kda_layer import _gated
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 

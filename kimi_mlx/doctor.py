@@ -21,7 +21,7 @@ from .decode import get_decode_path
 from .experts import get_expert_path
 from .kda import get_kda_path, kda_chunked, kda_mx_fast, kda_naive
 from .kda import metal as kda_metal_mod
-from .precision import reduced_fp32_matmul
+from .precision import reduced_fp32_matmul, relative_error
 
 REAL_SHAPE = (32, 128, 128)  # KDA heads, Dk, Dv of Kimi-Linear-48B-A3B
 PREFILL_T = 2048  # tokens of the timed prefill
@@ -57,8 +57,6 @@ def _inputs(T: int, H: int, D: int, seed: int = 0):
     return q, k, v, g, beta
 
 
-def _rel_err(out, ref) -> float:
-    return (mx.linalg.norm((out - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
 
 
 def check_ops_paths(T: int = 70, H: int = 2, D: int = 64) -> list[str]:
@@ -67,7 +65,7 @@ def check_ops_paths(T: int = 70, H: int = 2, D: int = 64) -> list[str]:
     ref, _ = kda_naive(*args)
     lines = []
     for name, fn in (("chunked", kda_chunked), ("mx_fast", kda_mx_fast)):
-        err = _rel_err(fn(*args)[0], ref)
+        err = relative_error(fn(*args)[0], ref)
         lines.append(f"  {name:8s} vs naive: relative error {err:.1e} {'ok' if err < 1e-4 else 'FAILED'}")
     return lines
 

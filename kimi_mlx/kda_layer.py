@@ -19,6 +19,7 @@ import mlx.nn as nn
 from .cache import KDACache
 from .config import ModelArgs
 from .kda import kda_update
+from .kda.prologue import forget_gate, l2_normalize  # the one definition of the prologue's math
 
 
 class ShortConv(nn.Module):
@@ -60,23 +61,6 @@ def _pads_first(xs: mx.array, pads: mx.array, w: int) -> mx.array:
     return mx.take_along_axis(xs, src[..., None], axis=1)
 
 
-def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
-    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (eps inside the root, as the reference).
-
-    One mx.fast.rms_norm kernel instead of a reduction and two elementwise passes: rms_norm gives
-    x / sqrt(mean(x^2) + e) = sqrt(D) x / sqrt(sum(x^2) + D e), so e = eps / D and a 1/sqrt(D)."""
-    D = x.shape[-1]
-    return mx.fast.rms_norm(x.astype(mx.float32), None, eps / D) * (D**-0.5)
-
-
-@partial(mx.compile, shapeless=True)
-def _forget_gate(f: mx.array, dt_bias: mx.array, A_log: mx.array) -> mx.array:
-    """-exp(A_log) * softplus(f + dt_bias) in fp32: one fused kernel instead of ~8 elementwise ones.
-    f: [B, T, H, D]; dt_bias: [H, D]; A_log: [H, 1] (both broadcast)."""
-    f32 = mx.float32
-    return -mx.exp(A_log.astype(f32)) * nn.softplus(f.astype(f32) + dt_bias.astype(f32))
-
-
 @partial(mx.compile, shapeless=True)
 def _gated(o: mx.array, gate: mx.array) -> mx.array:
     """o * sigmoid(gate) in fp32, cast back to gate's dtype: one fused kernel.
@@ -112,7 +96,7 @@ class KimiDeltaAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         f = self.f_b_proj(self.f_a_proj(x) if fa is None else fa).reshape(B, T, H, D)
-        return _forget_gate(f, self.dt_bias.reshape(H, D), self.A_log.reshape(H, 1))
+        return forget_gate(f, self.dt_bias.reshape(H, D), self.A_log.reshape(H, 1))
 
     def project(self, x: mx.array) -> tuple[mx.array, ...]:
         """The six projections of the layer's input, each its own matmul: q, k, v [B, T, H*D],

@@ -77,3 +77,10 @@ def split_matmul(a: mx.array, b: mx.array, matmul=mx.matmul) -> mx.array:
     ah, al = _split(a)
     bh, bl = _split(b)
     return matmul(ah, bh) + (matmul(ah, bl) + matmul(al, bh))
+
+
+def relative_error(out: mx.array, ref: mx.array) -> float:
+    """||out - ref|| / ||ref|| in fp32 (NaN if out has NaN): the project's one relative-error
+    measure (self-checks, doctor; tests keep tolerance tables against it)."""
+    out, ref = out.astype(mx.float32).flatten(), ref.astype(mx.float32).flatten()
+    return (mx.linalg.norm(out - ref) / mx.maximum(mx.linalg.norm(ref), 1e-30)).item()

@@ -3,8 +3,8 @@
 // kimi_mlx/kda/chunked.py: chunks of C tokens, N chunks per sequence, M = B * H * N; within a
 // chunk G_t = cumsum of g (inclusive), S0 the state when the chunk starts.
 
-static constant constexpr const int CHUNK_THREADS = 128;  // kda_chunk_state: 4 SIMD groups
-static constant constexpr const int CHUNK_ROWS = 32;      // kda_chunk_state: Dv rows per group
+// kda_chunk_state takes template Threads (threads per threadgroup) and Rows (Dv rows per
+// threadgroup) from the caller, kimi_mlx/kda/metal.py DECODE_THREADS / DECODE_ROWS.
 
 // @kernel kda_chunk_ut(A, beta, R) -> (X)
 // The UT transform of every chunk, X = (I + diag(beta) strict_lower(A))^-1 diag(beta) R,
@@ -60,22 +60,22 @@ static constant constexpr const int CHUNK_ROWS = 32;      // kda_chunk_state: Dv
 // (b, h, 32 rows of Dv), which walks the chunks in order.
   const int tid = thread_index_in_threadgroup;
   const long bh = threadgroup_position_in_grid.z;
-  const int r0 = threadgroup_position_in_grid.y * CHUNK_ROWS;
+  const int r0 = threadgroup_position_in_grid.y * Rows;
 
-  threadgroup float Ss[CHUNK_ROWS][Dk + 1];     // the state rows; +1 puts a row's lanes on distinct banks
-  threadgroup float Us[C][CHUNK_ROWS];          // this chunk's U, for the state update
+  threadgroup float Ss[Rows][Dk + 1];     // the state rows; +1 puts a row's lanes on distinct banks
+  threadgroup float Us[C][Rows];          // this chunk's U, for the state update
 
-  for (int e = tid; e < CHUNK_ROWS * Dk; e += CHUNK_THREADS) {
+  for (int e = tid; e < Rows * Dk; e += Threads) {
     const int r = e / Dk, c = e % Dk;
     Ss[r][c] = state_in[(bh * Dv + r0 + r) * Dk + c];
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  const int r = tid % CHUNK_ROWS;               // phase 1: this thread's state row ...
+  const int r = tid % Rows;               // phase 1: this thread's state row ...
   for (int n = 0; n < N; ++n) {
     const long ck = (bh * N + n) * C;           // the chunk's first token in [B, H, N, C, *]
     // Phase 1: U and OI, one (token, row) pair at a time, reading S only.
-    for (int t = tid / CHUNK_ROWS; t < C; t += CHUNK_THREADS / CHUNK_ROWS) {  // ... its tokens
+    for (int t = tid / Rows; t < C; t += Threads / Rows) {  // ... its tokens
       float pw = 0.0f, pq = 0.0f;
       for (int c = 0; c < Dk; ++c) {
         const float s = Ss[r][c];
@@ -91,7 +91,7 @@ static constant constexpr const int CHUNK_ROWS = 32;      // kda_chunk_state: Dv
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // Phase 2: S = S diag(decay) + U^T KS, each thread updating its own elements.
-    for (int e = tid; e < CHUNK_ROWS * Dk; e += CHUNK_THREADS) {
+    for (int e = tid; e < Rows * Dk; e += Threads) {
       const int rr = e / Dk, c = e % Dk;
       float acc = Ss[rr][c] * decay[(bh * N + n) * Dk + c];
       for (int t = 0; t < C; ++t) {
@@ -102,7 +102,7 @@ static constant constexpr const int CHUNK_ROWS = 32;      // kda_chunk_state: Dv
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
-  for (int e = tid; e < CHUNK_ROWS * Dk; e += CHUNK_THREADS) {
+  for (int e = tid; e < Rows * Dk; e += Threads) {
     const int rr = e / Dk, c = e % Dk;
     state_out[(bh * Dv + r0 + rr) * Dk + c] = Ss[rr][c];
   }

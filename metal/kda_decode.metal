@@ -16,12 +16,12 @@
 //   T         scalar int
 //   y         [B, T, H, Dv]  InT
 //   state_out [B, H, Dv, Dk] StT (float32)
-// Grid (128, Dv / 32, B * H), threadgroup (128, 1, 1): one threadgroup per (b, h, 32 rows of
+// Grid (Threads, Dv / Rows, B * H), threadgroup (Threads, 1, 1): one threadgroup per (b, h, Rows rows of
 // Dv). Four lanes own one row of the state; lane j of a row holds channels c = 4 i + j.
 // Per token: S *= exp(g); kv = S k; S += beta (v - kv) k^T; y = S q (rows of S, sums over Dk).
 
-static constant constexpr const int KDA_THREADS = 128;  // threads per threadgroup: 4 SIMD groups
-static constant constexpr const int KDA_ROWS = 32;  // Dv rows per threadgroup: 4 lanes per row
+// Template Threads (threads per threadgroup, a multiple of 32) and Rows (Dv rows per threadgroup,
+// Threads = 4 lanes x Rows): given by the caller, kimi_mlx/kda/metal.py DECODE_THREADS / DECODE_ROWS.
 
 // log(1 + x) for x >= 0, exact to a few ulp also for tiny x (the MSL has no log1p).
 inline float kda_log1p(float x) {
@@ -35,11 +35,11 @@ inline float kda_softplus(float x) {
 }
 
 // @kernel kda_decode(q, k, v, g, beta, A_log, dt_bias, state_in, T) -> (y, state_out)
-  constexpr int NSG = KDA_THREADS / 32;
+  constexpr int NSG = Threads / 32;
   constexpr int NC = Dk / 4;                    // state channels per lane
   const int tid = thread_index_in_threadgroup;
   const int part = tid % 4;                     // which 4th of the channels
-  const int dv = threadgroup_position_in_grid.y * KDA_ROWS + tid / 4;
+  const int dv = threadgroup_position_in_grid.y * Rows + tid / 4;
   const int b = threadgroup_position_in_grid.z / H;
   const int h = threadgroup_position_in_grid.z % H;
 
@@ -61,7 +61,7 @@ inline float kda_softplus(float x) {
     const int p = t & 1;
     const long tok = (long)(b * T + t) * H + h;  // the (b, t, h) position
     float ssq = 0.0f, ssk = 0.0f;
-    for (int c = tid; c < Dk; c += KDA_THREADS) {
+    for (int c = tid; c < Dk; c += Threads) {
       const float qc = static_cast<float>(q[tok * Dk + c]);
       const float kc = static_cast<float>(k[tok * Dk + c]);
       float gc = static_cast<float>(g[tok * Dk + c]);

@@ -432,7 +432,7 @@ class TorchMetalKDA:
         return dict(
             inputs=[q, k, v, g, beta, A_log if fused else unused, dt_bias if fused else unused, state, T],
             template=[("InT", TORCH_TO_MX[v.dtype]), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv),
-                      ("Fused", fused)],
+                      ("Fused", fused), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
             grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H),
             threadgroup=(DECODE_THREADS, 1, 1),
             output_shapes=[(B, T, H, Dv), (B, H, Dv, Dk)],
@@ -475,7 +475,7 @@ class TorchMetalKDA:
         f32 = torch.float32
         return dict(
             inputs=[Wk.to(f32), QS.to(f32), KS.to(f32), U0.to(f32), decay.to(f32), state, N],
-            template=[("C", C), ("Dk", Dk), ("Dv", Dv)],
+            template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
             grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H), threadgroup=(DECODE_THREADS, 1, 1),
             output_shapes=[(B, H, N, C, Dv)] * 2 + [(B, H, Dv, Dk)],
             output_dtypes=[mx.float32] * 3)

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from ..precision import fp32_matmul
+from ..precision import fp32_matmul, relative_error
 from .chunked import _decay_gram, _to_chunks, kda_chunked
 from .naive import kda_naive
+from .prologue import prologue
 from ..switch import PathSwitch
 
 
@@ -65,7 +65,7 @@ MODES = ("auto", "metal", "ops")
 _switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for check_environment
 CHUNK = 64  # chunk length of the prefill form
 SEGMENT = 64 * CHUNK  # prefill tokens per round of chunk kernels: bounds the per-chunk buffers
-DECODE_THREADS, DECODE_ROWS = 128, 32  # as in kda_decode.metal
+DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: template args of both kernels
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
 # order (and may compile with fast math); the bugs planted in the tests are off by >= 5e-2.
 CHECK_TOL = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 2e-2}
@@ -117,20 +117,8 @@ def supports(Dk: int, Dv: int) -> bool:
     return Dk % 4 == 0 and Dv % 32 == 0 and 4 <= Dk <= 128
 
 
-def prologue_ops(q, k, f, b, A_log, dt_bias):
-    """The layer's per-token prologue in MLX ops (what Fused kda_decode computes), fp32.
-
-    q, k: [B, T, H, Dk] raw; f: [B, T, H, Dk] gate pre-activation; b: [B, T, H] beta logits;
-    A_log: H values; dt_bias: [H * Dk]. Returns q, k normalised (q scaled), g, beta.
-    """
-    f32 = mx.float32
-    B, T, H, Dk = k.shape
-    norm = lambda x: x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + 1e-6)  # noqa: E731
-    q = norm(q.astype(f32)) * (Dk**-0.5)
-    k = norm(k.astype(f32))
-    gate_in = f.astype(f32) + dt_bias.astype(f32).reshape(H, Dk)
-    g = -mx.exp(A_log.astype(f32).reshape(H, 1)) * nn.softplus(gate_in)
-    return q, k, g, mx.sigmoid(b.astype(f32))
+# The layer's per-token prologue in MLX ops (what Fused kda_decode computes): one definition.
+prologue_ops = prologue
 
 
 class MetalKDA:
@@ -153,7 +141,8 @@ class MetalKDA:
         unused = mx.zeros((1,), mx.float32)  # never read by the plain kernel
         y, state = self.kernels["kda_decode"](
             inputs=[q, k, v, g, beta, A_log if fused else unused, dt_bias if fused else unused, state, T],
-            template=[("InT", v.dtype), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv), ("Fused", fused)],
+            template=[("InT", v.dtype), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv), ("Fused", fused),
+                      ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
             grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H),
             threadgroup=(DECODE_THREADS, 1, 1),
             output_shapes=[(B, T, H, Dv), (B, H, Dv, Dk)],
@@ -184,7 +173,7 @@ class MetalKDA:
         X = X.reshape(B, H, N, C, W)
         U, OI, state = self.kernels["kda_chunk_state"](
             inputs=[X[..., :Dk], qc * since, kc * until, X[..., Dk:], since[..., -1, :], state, N],
-            template=[("C", C), ("Dk", Dk), ("Dv", Dv)],
+            template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
             grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H),
             threadgroup=(DECODE_THREADS, 1, 1),
             output_shapes=[(B, H, N, C, Dv), (B, H, N, C, Dv), (B, H, Dv, Dk)],
@@ -251,10 +240,6 @@ class MetalKDA:
         return None
 
 
-def relative_error(out: mx.array, ref: mx.array) -> float:
-    """||out - ref|| / ||ref|| in fp32 (NaN if out has NaN)."""
-    out, ref = out.astype(mx.float32).flatten(), ref.astype(mx.float32).flatten()
-    return (mx.linalg.norm(out - ref) / mx.maximum(mx.linalg.norm(ref), 1e-30)).item()
 
 
 # --- which path runs ----------------------------------------------------------------------
