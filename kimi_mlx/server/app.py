@@ -79,8 +79,7 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, list[str]]:
     top_k = _get(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0")
     min_p = float(_get(body, "min_p", num, 0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]"))
     seed = _get(body, "seed", int, None, None, "an integer")
-    n = _get(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
-    del n
+    _get(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")  # checked only
     stop = body.get("stop")
     if stop is None:
         stop = []
