@@ -137,7 +137,8 @@ def multi_turn(client, turns: int, words: int) -> list[dict]:
 def long_history(client, tokenizer, history_tokens: int) -> dict:
     words, filler = [], ""
     while len(tokenizer.encode(filler)) < history_tokens:  # grow to the size, counted by the model's tokenizer
-        words += [f"item{len(words) + i}" for i in range(256)]
+        step = max(8, (history_tokens - len(tokenizer.encode(filler))) // 8)  # ~8 tokens a word at most
+        words += [f"item{len(words) + i}" for i in range(step)]
         filler = " ".join(words)
 
     def conversation(tag):
