@@ -87,6 +87,9 @@ class ModelArgs:
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise fail(f"{name} is {getattr(self, name)}, must be >= 0")
+        for name in _POSITIVE + _NON_NEGATIVE:  # MLX's shapes and positions are int32
+            if getattr(self, name) > MAX_SIZE:
+                raise fail(f"{name} is {getattr(self, name)}, past the largest size MLX takes ({MAX_SIZE})")
         if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
             raise fail(f"rms_norm_eps is {self.rms_norm_eps}, must be > 0")
         if not math.isfinite(self.routed_scaling_factor):
@@ -156,6 +159,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
 
+MAX_SIZE = 2**31 - 1
 _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "model_max_length",
              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size",
              "moe_layer_freq")

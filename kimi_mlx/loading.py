@@ -135,7 +135,7 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
     return weights, origin
 
 
-def _quantize_like_checkpoint(model: Model, args: ModelArgs, weights: dict) -> None:
+def _quantize_like_checkpoint(model: Model, args: ModelArgs, weights: dict, folder: Path | None = None) -> None:
     """Turn modules into their quantized form where the checkpoint has `.scales` (mlx-lm's rule)."""
     q = args.quantization or {}
 
@@ -144,13 +144,19 @@ def _quantize_like_checkpoint(model: Model, args: ModelArgs, weights: dict) -> N
             return q[path]
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
-    nn.quantize(
-        model,
-        group_size=q.get("group_size", 64),
-        bits=q.get("bits", 4),
-        mode=q.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+    try:
+        nn.quantize(
+            model,
+            group_size=q.get("group_size", 64),
+            bits=q.get("bits", 4),
+            mode=q.get("mode", "affine"),
+            class_predicate=predicate,
+        )
+    except (ValueError, RuntimeError) as e:  # MLX's checks: bits, mode, group size (and that it divides the rows)
+        reason = " ".join(str(e).split())[:300]
+        where = folder / "config.json" if folder is not None else "config.json"
+        raise ModelFormatError(f"{where}: its quantization block does not fit this model "
+                               f"({reason}); fix config.json or convert the model again") from None
 
 
 def _check_names_and_shapes(model: Model, weights: dict, origin: dict, folder: Path) -> None:
@@ -200,7 +206,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, prepare=None) ->
     weights = to_mlx_layout(weights, args)
     model = Model(args)
     if args.quantization or any(n.endswith(".scales") for n in weights):
-        _quantize_like_checkpoint(model, args, weights)
+        _quantize_like_checkpoint(model, args, weights, folder)
     _check_names_and_shapes(model, weights, origin, folder)
     model.load_weights(list(cast_weights(weights, dtype).items()), strict=True)
     del weights  # the model holds what it needs: a prepare step must be able to drop tensors

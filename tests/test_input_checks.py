@@ -212,7 +212,49 @@ BAD_CONFIGS = [
     ("quant entry", setter("quantization", {"bits": 4, "model.layers.0.mlp.gate": 8}),
      "quantization['model.layers.0.mlp.gate'] is 8"),
     ("quant list", setter("quantization", [4]), "quantization is [4] (list), expected dict"),
+    ("huge vocab", setter("vocab_size", 10**12), "vocab_size is 1000000000000, past the largest size MLX takes"),
+    ("huge layers", setter("num_hidden_layers", 2**40), "num_hidden_layers is 1099511627776, past the largest"),
 ]
+
+
+@pytest.fixture(scope="module")
+def quantized(folder, tmp_path_factory):  # noqa: F811
+    """The tiny model with its Linear layers of 32-divisible rows at 4 bits, group 32, as a checkpoint."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from kimi_mlx import load_model
+
+    model = load_model(folder)
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+    out = tmp_path_factory.mktemp("q4") / "model"
+    shutil.copytree(folder, out)
+    (out / "model.safetensors").unlink()
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+QUANT_BLOCKS = [{"bits": 7}, {"bits": 64}, {"group_size": 17}, {"group_size": 4096}, {"mode": "foo"},
+                {"model.layers.1.mlp.gate": {"bits": 7, "group_size": 32}}]
+
+
+@pytest.mark.parametrize("change", QUANT_BLOCKS, ids=[json.dumps(q) for q in QUANT_BLOCKS])
+def test_a_quantization_block_mlx_cannot_use_is_one_line(quantized, tmp_path, change):
+    """Values of the right type that MLX refuses (bits it has no kernel for, a group size that does
+    not divide the rows, an unknown mode) were MLX tracebacks while building the quantized model."""
+    from kimi_mlx import load_model
+
+    load_model(quantized)  # the checkpoint itself is sound
+    copy = with_config(quantized, tmp_path, lambda config: config["quantization"].update(change))
+    with pytest.raises(KimiError) as err:
+        load_model(copy)
+    assert str(copy / "config.json") in str(err.value) and "\n" not in str(err.value)
+    result = CliRunner().invoke(app, ["generate", "--model", str(copy), "-p", "hi", "-n", "2"])
+    one_line_exit_2(result, "quantization block")
 
 
 @pytest.mark.parametrize("change,message", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
