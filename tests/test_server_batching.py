@@ -18,7 +18,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from kimi_mlx import load_model, load_tokenizer, stream_generate  # noqa: E402
-from kimi_mlx.server.batch_cache import extract_row, merge_caches, select_rows  # noqa: E402
+from kimi_mlx.server.batch_cache import extract_row, merge_caches, select_rows, split_rows  # noqa: E402
 from kimi_mlx.server.engine import Engine, QueueFull, Request  # noqa: E402
 from kimi_mlx.server.sampling import SamplingParams  # noqa: E402
 from kimi_mlx.server.state_cache import StateCache, cache_nbytes  # noqa: E402
@@ -70,6 +70,7 @@ def test_merged_rows_decode_like_single_rows(demo, kv_bits):
             assert rel_err(out[b:b + 1], ref) <= TOL_LOGITS, f"step {step} row {r}"
     # a row taken out of the batch continues on its own like the single cache
     alone = extract_row(batch, 0)
+    assert {c.offset for c in alone} == {5 + 4}  # its own length in every layer, not the batch's
     assert rel_err(model(mx.array([[3]]), cache=alone), model(mx.array([[3]]), cache=singles[0])) <= TOL_LOGITS
 
 
@@ -162,6 +163,16 @@ def test_state_cache_longest_prefix_lru_and_spill(demo, tmp_path):
     assert n == 30
     ref = [x.copy() for x in c30]
     assert rel_err(model(mx.array([[4]]), cache=snap), model(mx.array([[4]]), cache=ref)) == 0
+    # a row that went through a batch spills and comes back too (its layers agree on its length)
+    d = _ids(12, 9)
+    row = split_rows(merge_caches([[x.copy() for x in c30], _prefilled(model, d)]))[1]
+    sc.insert(d, row)
+    budget, sc.max_bytes = sc.max_bytes, 0
+    sc._evict()  # all to disk
+    sc.max_bytes = budget
+    n, snap = sc.lookup(d + [8])
+    assert n == 12
+    assert rel_err(model(mx.array([[4]]), cache=snap), model(mx.array([[4]]), cache=_prefilled(model, d))) <= TOL_LOGITS
     # a server started later on the same folder finds what was spilled there
     sc.insert(a[:30], c30)
     sc.max_bytes = 0

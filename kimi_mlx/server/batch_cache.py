@@ -100,9 +100,20 @@ def select_rows(cache: list, rows: list[int]) -> list:
     return out
 
 
+def _own_offsets(row: list) -> list:
+    """A single-request cache whose KDA layers report the batch's length: give them the row's own
+    token count (its latent length), so the cache describes itself (prompt-cache files check it)."""
+    n = next((c.offset for c in row if isinstance(c, LatentCache)), None)
+    if n is not None:
+        for c in row:
+            if isinstance(c, KDACache):
+                c.offset = n
+    return row
+
+
 def extract_row(cache: list, row: int) -> list:
     """One row as a single-request cache (B = 1, no padding): what the request consumed."""
-    return select_rows(cache, [row])
+    return _own_offsets(select_rows(cache, [row]))
 
 
 def split_rows(cache: list) -> list[list]:
@@ -126,4 +137,4 @@ def split_rows(cache: list) -> list[list]:
             new = _latent_from(rows, mx.ones((1, len(keep)), dtype=mx.bool_), c)
             new.key_mask = None
             out[b].append(new)
-    return out
+    return [_own_offsets(row) for row in out]
