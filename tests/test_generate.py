@@ -134,3 +134,28 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generation_raises_the_wired_limit_on_metal_and_restores_it(loaded, monkeypatch):
+    """As mlx-lm: on Metal the wired limit is the GPU's recommended working set while a generation
+    runs (the weights stay resident), and what it was afterwards; other backends leave it alone.
+    Here 'Metal' is stood in for, recording the calls."""
+    from kimi_mlx.generate import generate_tokens
+
+    model, _ = loaded
+    calls = []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda *a: {"max_recommended_working_set_size": 123456})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 99)
+    monkeypatch.setattr(mx, "synchronize", lambda *a: None)
+    tokens = list(generate_tokens(model, mx.array([5, 6, 7]), max_tokens=3))
+    assert len(tokens) == 3 and calls == [123456, 99]
+    calls.clear()
+    gen = generate_tokens(model, mx.array([5, 6, 7]), max_tokens=10)
+    next(gen)
+    gen.close()  # a reply stopped early (stop string, Ctrl-C) restores it too
+    assert calls == [123456, 99]
+    calls.clear()
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    list(generate_tokens(model, mx.array([5, 6, 7]), max_tokens=2))
+    assert calls == []

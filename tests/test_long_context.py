@@ -132,3 +132,18 @@ def test_paged_cache_round_trips_and_snapshots(model, kv_bits, small_pages, tmp_
 def test_bad_kv_bits_is_one_clear_error(model):
     with pytest.raises(KimiError, match="16, 8 or 4"):
         model.make_cache(kv_bits=3)
+
+
+def test_decode_never_syncs_the_host_between_key_blocks(model, small_pages, monkeypatch):
+    """A prefill step evaluates the running softmax between key blocks (memory of one block); a
+    decode step over many pages must not: a host sync per page, layer and token stalls a GPU."""
+    ids = _tokens(200)
+    cache = model.make_cache()
+    syncs = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mla_layer.mx, "eval", lambda *a: (syncs.append(len(a)), real_eval(*a))[1])
+    model(ids[:, :150], cache=cache)
+    assert syncs, "the prefill step no longer bounds its memory block by block"
+    syncs.clear()
+    mx.async_eval(model(ids[:, 150:151], cache=cache))  # 150 keys in 64-row pages, 32-key blocks
+    assert syncs == []
