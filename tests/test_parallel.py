@@ -304,3 +304,13 @@ def test_chat_turn_through_mlx_launch(tmp_path, demo32):
     assert p.returncode == 0, err.decode()[-2000:]
     assert one.getvalue().strip(), "the reference chat said nothing"
     assert out.decode() == one.getvalue()
+
+
+def test_serve_under_mlx_launch_is_refused_in_one_line(monkeypatch):
+    """The server's batch scheduler is one process: as ranks it would hang, so it refuses."""
+    from kimi_mlx import KimiError
+    from kimi_mlx.server.serve import serve
+
+    monkeypatch.setenv("MLX_RANK", "0")
+    with pytest.raises(KimiError, match="serve does not run under mlx.launch"):
+        serve("demo")

@@ -35,7 +35,10 @@ def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, a
     ready: optional callable(port) once listening (tests)."""
     from .. import load
     from ..loading import resolve_model_path
+    from ..parallel import launched
 
+    if launched():  # its batch scheduler runs on one process: ranks would wait on requests only rank 0 gets
+        raise KimiError("serve does not run under mlx.launch yet (one process only); generate and chat do")
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))
     name = "demo" if model_path == "demo" else model_path
