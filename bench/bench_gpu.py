@@ -506,8 +506,11 @@ def main() -> None:
         result["device_info_error"] = str(e)
 
     def save():
+        """Write the JSON so far, with the seconds since start at each save (section timings)."""
+        result.setdefault("elapsed_s", []).append(round(time.perf_counter() - t_start, 1))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1, default=str))
+        print(f"[{result['elapsed_s'][-1]:.0f} s]", flush=True)
 
     t0 = time.perf_counter()
     theirs, ours, weights = build_models(config)
