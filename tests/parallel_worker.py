@@ -3,7 +3,8 @@
     python tests/parallel_worker.py OUT_PREFIX MODE:FOLDER [MODE:FOLDER ...]
 For each job: loads FOLDER split by MODE over the same group, then writes OUT_PREFIX-J-RANK.npz
 with the logits of a whole prompt without a cache, of the same prompt fed to a cache in two
-steps, and of three decode steps after it, and the bytes of this rank's parameters.
+steps, and of three decode steps after it, the bytes of this rank's parameters, and how many
+tensors it read as its row block alone (tensor mode).
 """
 
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from kimi_mlx.parallel import join_world, load_sharded
+from kimi_mlx.parallel.load import READS
 
 PROMPT = [[(7 * i + 3) % 90 + 3 for i in range(37)], [(5 * i + 11) % 90 + 3 for i in range(37)]]  # [2, 37]
 SPLIT = 20  # the stepped prefill: 20 tokens, then 17 (>= 16: the experts' compact path on both)
@@ -43,7 +45,7 @@ def main() -> None:
         mode, folder = job.split(":", 1)
         model = load_sharded(folder, group, mode)
         held = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-        np.savez(f"{prefix}-{j}-{group.rank()}.npz", param_bytes=held, **logits(model))
+        np.savez(f"{prefix}-{j}-{group.rank()}.npz", param_bytes=held, row_blocks=READS["row blocks"], **logits(model))
 
 
 if __name__ == "__main__":

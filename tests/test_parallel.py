@@ -173,6 +173,8 @@ def test_each_rank_holds_part_of_the_weights(split_runs, folders, mode, name):
     assert all(h < 0.8 * whole for h in held), (held, whole)
     if mode == "pipeline":
         assert sum(held) < 1.5 * whole
+    else:  # heads, expert blocks and their quantization scales were read as row blocks, not whole
+        assert all(int(run["row_blocks"]) >= 20 for run in split_runs[mode, name])
 
 
 @pytest.mark.parametrize("mode,name", [("tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
