@@ -39,3 +39,17 @@ def held_float_dtype(name: str, stored: str, override: str | None = None, cpu: b
 def dtype_name(dtype: mx.Dtype) -> str:
     """mx.bfloat16 -> 'bfloat16' (the names config.json uses)."""
     return str(dtype).rsplit(".", 1)[-1]
+
+
+def check_load_dtype(dtype) -> str | None:
+    """The float dtype asked for at load (an mx.Dtype or its name), as a name, or None (keep the
+    checkpoint's). Anything but float16/bfloat16/float32 is a KimiError: an integer dtype would
+    truncate every weight, and the model's kernels (rms_norm, the KDA scan) take these three."""
+    from .errors import KimiError
+
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype) if isinstance(dtype, mx.Dtype) else None
+    if name not in FLOAT_BYTES:
+        raise KimiError(f"dtype {dtype!r}: a model is loaded in float16, bfloat16 or float32 (or None: as stored)")
+    return name

@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -135,6 +135,21 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
     if bad:
         raise KimiError(f"token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}"
                         + (f" ({len(bad)} such ids)" if len(bad) > 1 else ""))
+
+
+def check_cache(model, cache) -> None:
+    """Refuse a cache that is not this model's: a list with one cache per layer, of the layer's
+    kind (model.make_cache's), all at the same offset. Another model's cache, or anything else,
+    would fail deep inside a layer with an AttributeError or a shape error."""
+    expected = [type(c).__name__ for c in model.make_cache()]
+    kinds = [type(c).__name__ for c in cache] if isinstance(cache, (list, tuple)) else None
+    if kinds != expected:
+        raise KimiError(f"cache does not match this model: expected {len(expected)} layer caches from "
+                        f"model.make_cache(), got {type(cache).__name__}"
+                        + (f" of {len(kinds)}" if kinds is not None else ""))
+    offsets = {c.offset for c in cache}
+    if len(offsets) != 1:
+        raise KimiError(f"cache layers disagree on the tokens consumed ({sorted(offsets)}); use a fresh cache")
 
 
 def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0,
@@ -273,7 +288,7 @@ class ReplyText:
 def _prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], Mapping):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
         values = prompt.tolist() if hasattr(prompt, "tolist") else prompt
@@ -318,7 +333,7 @@ def stream_generate(
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise KimiError(f"stop must be a list of strings, not {stop!r}")
     if prompt_cache is not None:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], Mapping):
             raise KimiError("a prompt cache continues with text or token ids, not chat messages")
         ids = prompt_cache.continuation(tokenizer, prompt) if isinstance(prompt, str) else _prompt_ids(tokenizer, prompt)
         cache = cache if cache is not None else prompt_cache.fresh_cache()
@@ -326,6 +341,7 @@ def stream_generate(
         ids = _prompt_ids(tokenizer, prompt)
         cache = cache if cache is not None else model.make_cache(kv_bits)
     check_token_ids(ids, model.args.vocab_size)
+    check_cache(model, cache)
     used = cache[0].offset if cache else 0
     bits = next((c.kv_bits for c in cache if hasattr(c, "kv_bits")), kv_bits)
     check_context(model, len(ids), max_tokens, bits, used=used, ignore_memory_plan=ignore_memory_plan)

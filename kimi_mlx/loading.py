@@ -6,6 +6,7 @@ Every failure is a ModelFormatError of one line naming the file and the tensor.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from math import prod
 from pathlib import Path
@@ -16,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
-from .dtypes import dtype_name, held_float_dtype
+from .dtypes import check_load_dtype, dtype_name, held_float_dtype
 from .errors import KimiError, ModelFormatError
 from .weights import to_mlx_layout
 
@@ -180,7 +181,7 @@ def cast_weights(weights: dict, dtype: mx.Dtype | None) -> dict:
     """Float weights -> the dtype the runtime holds them in (kimi_mlx.dtypes.held_float_dtype:
     `dtype` if given, else as stored; the gate/router parameters always fp32; on the CPU backend
     the routed experts' float tensors fp32, as MLX's CPU gather_mm supports only fp32)."""
-    override = None if dtype is None else dtype_name(dtype)
+    override = check_load_dtype(dtype)
     out = {}
     for name, w in weights.items():
         if mx.issubdtype(w.dtype, mx.floating):
@@ -200,6 +201,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, prepare=None) ->
     from .switch import check_environment  # the model modules declared their path variables
 
     check_environment()  # a bad KIMI_MLX_* value is one line now, not a failure mid-generation
+    dtype = check_load_dtype(dtype)
     folder = resolve_model_path(path)
     args = ModelArgs.from_file(folder / "config.json")
     weights, origin = read_weights(folder)
@@ -219,6 +221,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, prepare=None) ->
 
 def resolve_model_path(path: str | Path) -> Path:
     """A local folder as is; `org/name` through huggingface-hub (weights, config and tokenizer only)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise KimiError(f"model path {path!r}: give a folder, a hub repo id (org/name) or 'demo'")
     if str(path) == "demo":
         return demo_model_path()
     local = Path(path).expanduser()

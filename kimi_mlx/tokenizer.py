@@ -410,6 +410,9 @@ class KimiTokenizer:
         wrote half a control token beside the content could still be completed by it; Kimi's
         templates write whole markers.)
         """
+        if tools is not None and (isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)):
+            raise KimiError(f"tools must be a list of tool declarations (dicts), not {type(tools).__name__} "
+                            f"{str(tools)[:40]!r}")
         variables = {
             "messages": [self._defang(m) for m in _with_tool_call_ids(messages)],
             "add_generation_prompt": add_generation_prompt,
@@ -480,6 +483,9 @@ def _with_tool_call_ids(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     for position, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise KimiError(f"message {position} is a {type(message).__name__}, not a dict with role and content")
+        if not isinstance(message.get("role"), str):  # the template would render it as an unnamed system turn
+            raise KimiError(f"message {position} has role {message.get('role')!r}; each message needs a role "
+                            "(system, user, assistant or tool)")
         message = dict(message)
         calls = message.get("tool_calls")
         if message.get("role") == "assistant" and calls:

@@ -44,6 +44,65 @@ def test_token_ids_outside_the_vocabulary_are_refused(loaded, ids):
         generate(model, tok, mx.array(ids) if abs(max(ids, key=abs)) < 2**31 else ids, max_tokens=2)
 
 
+def test_a_cache_that_is_not_this_models_is_refused(loaded, folder):  # noqa: F811
+    """cache= takes model.make_cache()'s list: anything else (ints, a shorter list, another
+    model's caches, layers at different offsets) was an AttributeError deep in a layer."""
+    from tiny import TINY_CONFIG
+
+    from kimi_mlx import Model, ModelArgs
+
+    model, tok = loaded
+    other = Model(ModelArgs.from_dict({**TINY_CONFIG, "num_hidden_layers": 3, "linear_attn_config": {
+        **TINY_CONFIG["linear_attn_config"], "kda_layers": [1, 2], "full_attn_layers": [3]}}))
+    ahead = model.make_cache()
+    model(mx.array([[5, 6]]), cache=ahead)  # every layer consumes two tokens
+    ahead[0] = model.make_cache()[0]  # then one layer starts over
+    for cache in ([1, 2], model.make_cache()[:-1], other.make_cache(), "cache", ahead):
+        with pytest.raises(KimiError, match="cache does not match this model|cache layers disagree"):
+            generate(model, tok, "hi", max_tokens=2, cache=cache)
+    assert generate(model, tok, "hi", max_tokens=2, cache=model.make_cache()) == generate(model, tok, "hi", max_tokens=2)
+
+
+@pytest.mark.parametrize("messages,message", [
+    ([{"content": "no role"}], "message 0 has role None"),
+    ([{"role": "user", "content": "a"}, {"role": 3, "content": "b"}], "message 1 has role 3"),
+])
+def test_a_message_without_a_role_is_refused(loaded, messages, message):
+    """The template rendered a message without a role as a system turn with no name, silently."""
+    model, tok = loaded
+    with pytest.raises(KimiError, match=message):
+        generate(model, tok, messages, max_tokens=2)
+
+
+@pytest.mark.parametrize("tools", ["get_weather", {"type": "function"}, [{"type": "function"}, "f"]])
+def test_tools_must_be_a_list_of_declarations(loaded, tools):
+    """A string was declared as a list of its characters, a dict as a list of its keys, silently."""
+    _, tok = loaded
+    with pytest.raises(KimiError, match="tools must be a list of tool declarations"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools)
+
+
+def test_messages_may_be_a_tuple(loaded):
+    """A tuple of messages is chat messages (it was read as token ids and refused as such)."""
+    model, tok = loaded
+    messages = [{"role": "user", "content": "hi"}]
+    assert generate(model, tok, tuple(messages), max_tokens=3) == generate(model, tok, messages, max_tokens=3)
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, mx.uint8, mx.complex64, "int8", "bogus", 16])
+def test_load_refuses_a_dtype_that_is_not_a_float_the_model_runs_in(folder, dtype):  # noqa: F811
+    """load(dtype=...) takes float16/bfloat16/float32 (or their names): an integer dtype loaded the
+    weights truncated, then failed at the first rms_norm; a made-up name was an AttributeError."""
+    from kimi_mlx import load
+
+    with pytest.raises(KimiError, match="float16, bfloat16 or float32"):
+        load(str(folder), dtype=dtype)
+    with pytest.raises(KimiError, match="model path None"):
+        load(None)
+    model, _ = load(str(folder), dtype="float16")
+    assert model.model.norm.weight.dtype == mx.float16
+
+
 @pytest.mark.parametrize("ids", [[1.5, 2], [True, 3], [[1, 2]]])
 def test_token_ids_that_are_not_ints_are_refused(loaded, ids):
     model, tok = loaded
