@@ -26,8 +26,8 @@ import mlx.core as mx
 
 from .errors import KimiError
 from .files import MAX_PROMPT_BYTES
-from .generate import (DEFAULT_PREFILL_STEP, PROGRESS_MIN_TOKENS, GenerationResponse, check_context, check_sampling,
-                       stream_generate)
+from .generate import (DEFAULT_PREFILL_STEP, PROGRESS_MIN_TOKENS, GenerationResponse, check_context, check_kv_bits_of,
+                       check_sampling, stream_generate)
 from .prompt_cache import (SEPARATOR, PromptCache, continue_open_turn, model_fingerprint, read_state_file,
                            save_state_file)
 
@@ -281,6 +281,7 @@ class ChatSession:
         message you send completes."""
         if prompt_cache.raw:
             raise KimiError("a raw prompt cache (--raw) continues with kimi-mlx generate --raw, not chat")
+        check_kv_bits_of(prompt_cache.cache, self.kv_bits, "the prompt cache")
         messages = [{"role": "system", "content": prompt_cache.system}] if prompt_cache.system else []
         self._state = _State(messages, list(prompt_cache.tokens), prompt_cache.fresh_cache(), prompt_cache.text)
         self._undo, self._opening = [], prompt_cache

@@ -152,6 +152,15 @@ def check_cache(model, cache) -> None:
         raise KimiError(f"cache layers disagree on the tokens consumed ({sorted(offsets)}); use a fresh cache")
 
 
+def check_kv_bits_of(cache, kv_bits: int | None, what: str) -> None:
+    """kv_bits asks for a fresh cache's latent precision; a cache that exists keeps its own. Refuse
+    a kv_bits that disagrees with it (it was ignored, silently) rather than pretend to honour it."""
+    held = next((c.kv_bits or 16 for c in cache if hasattr(c, "kv_bits")), None)
+    if kv_bits is not None and held is not None and kv_bits != held:
+        raise KimiError(f"kv_bits {kv_bits}: {what} holds {held}-bit latents and continues at {held} bits; "
+                        "leave --kv-bits out to continue it (or make it again with that --kv-bits)")
+
+
 def check_context(model, prompt_tokens: int, max_tokens: int, kv_bits: int | None = None, used: int = 0,
                   ignore_memory_plan: bool = False) -> None:
     """Refuse a request past the model's context, or one whose memory plan does not fit this
@@ -344,6 +353,7 @@ def stream_generate(
     check_cache(model, cache)
     used = cache[0].offset if cache else 0
     bits = next((c.kv_bits for c in cache if hasattr(c, "kv_bits")), kv_bits)
+    check_kv_bits_of(cache, kv_bits, "the prompt cache" if prompt_cache is not None else "cache=")
     check_context(model, len(ids), max_tokens, bits, used=used, ignore_memory_plan=ignore_memory_plan)
     if seed is not None:
         mx.random.seed(seed)

@@ -63,6 +63,26 @@ def test_a_cache_that_is_not_this_models_is_refused(loaded, folder):  # noqa: F8
     assert generate(model, tok, "hi", max_tokens=2, cache=model.make_cache()) == generate(model, tok, "hi", max_tokens=2)
 
 
+def test_kv_bits_that_disagree_with_a_cache_being_continued_are_refused(loaded):
+    """--kv-bits sets a fresh cache's latent precision; with a prompt cache (or cache=) that holds
+    others it was ignored, silently. Now refused; the same bits (16 or None for 16-bit) pass."""
+    from kimi_mlx.chat import ChatSession
+    from kimi_mlx.prompt_cache import make_prompt_cache
+
+    model, tok = loaded
+    for made, asked_ok, asked_bad in ((None, [None, 16], [8, 4]), (8, [None, 8], [16, 4])):
+        pc = make_prompt_cache(model, tok, "a cached document", kv_bits=made)
+        for bits in asked_ok:
+            assert len(list(stream_generate(model, tok, "q", max_tokens=2, prompt_cache=pc, kv_bits=bits))) == 2
+        for bits in asked_bad:
+            with pytest.raises(KimiError, match=f"kv_bits {bits}: the prompt cache holds {made or 16}-bit"):
+                generate(model, tok, "q", max_tokens=2, prompt_cache=pc, kv_bits=bits)
+            with pytest.raises(KimiError, match=f"kv_bits {bits}: cache= holds"):
+                generate(model, tok, [5, 6], max_tokens=2, cache=pc.fresh_cache(), kv_bits=bits)
+            with pytest.raises(KimiError, match=f"kv_bits {bits}: the prompt cache holds"):
+                ChatSession(model, tok, max_tokens=2, kv_bits=bits).start_from(pc)
+
+
 @pytest.mark.parametrize("messages,message", [
     ([{"content": "no role"}], "message 0 has role None"),
     ([{"role": "user", "content": "a"}, {"role": 3, "content": "b"}], "message 1 has role 3"),
