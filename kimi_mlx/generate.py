@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import KimiError
+from .parallel.world import watch_ranks
 
 def prefill_step_for(device: mx.Device) -> int:
     """Tokens per prefill step on `device` (the one place this is decided): 512 everywhere for
@@ -216,7 +217,7 @@ def generate_tokens(
             history = mx.concatenate([history, token])
         return token, logprobs[0, token[0]]
 
-    with generation_context():
+    with generation_context(), watch_ranks():  # watch_ranks: split models only (kimi_mlx.parallel)
         token, logprob = sample(prefill(model, prompt, cache, prefill_step, progress))
         mx.async_eval(token, logprob)
         for n in range(max_tokens):

@@ -66,10 +66,11 @@ def free_ports(n: int) -> list[int]:
 
 
 def run_ranks(tmp_path: Path, commands: list[list[str]], env: dict | None = None, stdin: bytes = b"",
-              hosts: int | None = None, deadline: float = DEADLINE_S) -> list[tuple[int, str, str]]:
+              hosts: int | None = None, deadline: float = DEADLINE_S, kill_rest: bool = False):
     """Start commands[r] as rank r of a ring over localhost (MLX_RANK / MLX_HOSTFILE, as
     mlx.launch sets them), each fed `stdin`; -> [(returncode, stdout, stderr)]. hosts: ring size
-    (default: one per command; more leaves ranks missing). Kills every rank at the deadline."""
+    (default: one per command; more leaves ranks missing). Kills every rank at the deadline, and
+    the other ranks once rank 0 has ended with kill_rest."""
     ports = free_ports(hosts or len(commands))
     hostfile = tmp_path / f"hosts-{ports[0]}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
@@ -83,7 +84,9 @@ def run_ranks(tmp_path: Path, commands: list[list[str]], env: dict | None = None
                                               stderr=subprocess.PIPE, cwd=HERE))
         end = time.monotonic() + deadline
         out = []
-        for p in procs:
+        for rank, p in enumerate(procs):
+            if rank > 0 and kill_rest:
+                p.kill()
             o, e = p.communicate(timeout=max(1.0, end - time.monotonic()))
             out.append((p.returncode, o.decode(), e.decode()))
         return out
@@ -266,6 +269,19 @@ def test_a_rank_that_dies_ends_the_others_with_one_line(tmp_path, demo32):
     assert results[0][0] == 2, results[0][2][-2000:]
     line = _one_error_line(results[0][2])
     assert line.startswith("error: rank 0: lost the connection to another rank"), line
+
+
+def test_a_host_that_vanishes_mid_run_is_one_line_not_a_hang(tmp_path, demo32):
+    """A stopped rank (as a host that lost power or slept: its sockets stay open) would leave the
+    others waiting forever in the ring backend; the step watchdog ends them with one line."""
+    stop = [sys.executable, "-c", "import os, signal, sys; from kimi_mlx.parallel import load_sharded; "
+            "load_sharded(sys.argv[1]); os.kill(os.getpid(), signal.SIGSTOP)", str(demo32)]
+    t0 = time.monotonic()
+    results = run_ranks(tmp_path, [CLI + ["generate", "-m", str(demo32), "-p", "Hi", "-n", "4"], stop],
+                        env={"KIMI_MLX_STEP_TIMEOUT": "3"}, kill_rest=True, deadline=60)
+    assert results[0][0] != 0 and time.monotonic() - t0 < 50
+    line = _one_error_line(results[0][2])
+    assert line.startswith("error: rank 0: no progress for 3 s: another rank stopped answering"), line
 
 
 def test_a_rank_that_never_comes_is_one_line_not_a_hang(tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import KimiError
 from ..experts import run_experts
 from ..moe import SparseMoE, route
+from .world import progress
 
 EP_PATHS = ("masked", "compact")
 COMPACT_MIN_TOKENS = 16  # tokens per step from which "compact" is the auto choice (prefill, not decode)
@@ -83,6 +84,7 @@ class ExpertParallelMoE(SparseMoE):
 
     def __call__(self, x: mx.array, gate_up: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """x: [B, T, hidden] -> [B, T, hidden], the same on every rank."""
+        progress()  # the watchdog: a step is being built, so the previous one finished
         ids, weights = route(self.router_logits(x), self.e_score_correction_bias, self.top_k, self.renormalize,
                              self.scale)  # replicated: the same choice on every rank
         B, T, D = x.shape

@@ -23,6 +23,7 @@ import mlx.nn as nn
 
 from ..cache import KDACache
 from ..errors import KimiError
+from .world import progress
 
 
 def stage_bounds(layers: int, ranks: int, rank: int) -> tuple[int, int]:
@@ -67,6 +68,7 @@ class PipelineStage(nn.Module):
     def __call__(self, inputs: mx.array, cache=None, mask: mx.array | None = None) -> mx.array:
         B, T = inputs.shape
         g, r, N = self.group, self.rank, self.size
+        progress()  # the watchdog: a step is being built, so the previous one finished
         cache = cache if cache is not None else [None] * len(self.layers)
         if r == 0:
             h = self.embed_tokens(inputs)  # [B, T, hidden]

@@ -11,7 +11,10 @@ mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
   * checkpoint_fingerprint / check_same_checkpoint: every rank must load the same weights;
   * broadcast_token: rank 0's sampled token, so every rank continues the same sequence;
   * peer_error(): a lost connection (a rank that died) as one KimiError line instead of a
-    traceback (the backend raises RuntimeError "[ring] connection to a peer was lost").
+    traceback (the backend raises RuntimeError "[ring] connection to a peer was lost");
+  * watch_ranks() / progress(): a host that vanishes (power, sleep, cable) closes no socket, and
+    the ring backend would wait for it forever; while collective work runs, a forked watchdog
+    ends this rank with one line when no step made progress for $KIMI_MLX_STEP_TIMEOUT s (300).
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import re
 import select
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import KimiError
 
 CONNECT_TIMEOUT_ENV = "KIMI_MLX_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT_S = 120.0
+STEP_TIMEOUT_ENV = "KIMI_MLX_STEP_TIMEOUT"
+DEFAULT_STEP_TIMEOUT_S = 300.0
 _EXCEPTION_LINE = re.compile(rb"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 LAUNCH_VARS = ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR")
 
@@ -43,15 +50,19 @@ def launched() -> bool:
     return any(v in os.environ for v in LAUNCH_VARS)
 
 
-def connect_timeout() -> float:
-    value = os.environ.get(CONNECT_TIMEOUT_ENV, str(DEFAULT_CONNECT_TIMEOUT_S))
+def _seconds(env: str, default: float, what: str) -> float:
+    value = os.environ.get(env, str(default))
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise KimiError(f"{CONNECT_TIMEOUT_ENV}={value!r}: give the seconds to wait for the other ranks (> 0)")
+        raise KimiError(f"{env}={value!r}: give the seconds to wait for {what} (> 0)")
     return seconds
+
+
+def connect_timeout() -> float:
+    return _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S, "the other ranks")
 
 
 def join_world(timeout: float | None = None):
@@ -64,6 +75,7 @@ def join_world(timeout: float | None = None):
     if not launched():
         return mx.distributed.init()
     timeout = connect_timeout() if timeout is None else timeout
+    step = _seconds(STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S, "a step of the other ranks")
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     stop = _watchdog(timeout, f"error: rank {rank}: the other ranks did not connect within {timeout:g} s; "
                               f"check the hostfile, that every host runs the same command, and the firewall "
@@ -75,8 +87,68 @@ def join_world(timeout: float | None = None):
     finally:
         stop()
     if group.size() > 1:
-        _quiet(group.rank())
+        global _watch
+        _watch = _Watchdog(step, f"error: rank {rank}: no progress for {step:g} s: another rank stopped answering "
+                                 f"(its host went away or it hangs); stopping ({STEP_TIMEOUT_ENV} sets the wait)\n")
+        _quiet(group.rank())  # after the fork: the watchdog writes to the real stderr
     return group
+
+
+class _Watchdog:
+    """A forked process that ends this one (one line, SIGTERM) when it stays armed `timeout` s
+    without a pet. Commands over a pipe: a (arm), p (pet), d (disarm); EOF ends it."""
+
+    def __init__(self, timeout: float, message: str):
+        read_end, self.pipe = os.pipe()
+        parent, self.last = os.getpid(), 0.0
+        if os.fork() == 0:
+            os.close(self.pipe)
+            armed = False
+            while True:
+                ready, _, _ = select.select([read_end], [], [], timeout if armed else None)
+                if not ready:  # armed and silent for `timeout`
+                    os.write(2, message.encode())
+                    try:
+                        os.kill(parent, 15)
+                    finally:
+                        os._exit(0)
+                data = os.read(read_end, 4096)
+                if not data:
+                    os._exit(0)
+                armed = data[-1:] != b"d"
+        os.close(read_end)
+
+    def send(self, command: bytes) -> None:
+        os.write(self.pipe, command)
+
+    def pet(self) -> None:
+        now = time.monotonic()
+        if now - self.last > 1.0:  # at most one write a second
+            self.last = now
+            self.send(b"p")
+
+
+_watch: _Watchdog | None = None
+
+
+def progress() -> None:
+    """Collective work is moving (called as each step's graph is built): re-arm the watchdog."""
+    if _watch is not None:
+        _watch.pet()
+
+
+@contextmanager
+def watch_ranks():
+    """Around collective work (a generation, a load): the watchdog is armed inside, idle outside
+    (a chat waiting for its user is not a hang)."""
+    if _watch is None:
+        yield
+        return
+    _watch.send(b"a")
+    try:
+        yield
+    finally:
+        _watch.send(b"d")
 
 
 def _watchdog(timeout: float, message: str):
