@@ -44,8 +44,8 @@ class ConvertOptions:
         """Fill the mode's defaults and check every choice; a KimiError names the bad option."""
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KimiError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
-        if not self.max_shard_gb > 0:
-            raise KimiError(f"--max-shard-gb {self.max_shard_gb}: must be positive")
+        if not (isinstance(self.max_shard_gb, (int, float)) and 0 < self.max_shard_gb < float("inf")):
+            raise KimiError(f"--max-shard-gb {self.max_shard_gb}: must be a positive number of GB")
         if not self.quantize:
             return replace(self, bits=None, group_size=None, mode="affine", recipe="uniform")
         if self.mode not in MODES:

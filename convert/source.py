@@ -84,6 +84,8 @@ class Source:
 
 def open_source(src: str | Path) -> Source:
     """A local folder or `org/name` on the hub -> a validated Source (nothing read but headers)."""
+    if not str(src).strip() or "\0" in str(src):  # '' would be the current folder
+        raise KimiError(f"{str(src)!r}: not a checkpoint folder or hub repo id; pass the folder that holds config.json")
     local = Path(src).expanduser()
     repo_id = revision = None
     if str(src) == "demo" and not local.exists():  # the shipped demo model, as everywhere else

@@ -630,10 +630,24 @@ def test_hub_repo_from_the_cache_names_repo_and_revision(ref32, out, tmp_path, m
     (ConvertOptions(recipe="fancy"), "--recipe fancy"),
     (ConvertOptions(bits=7), "--bits 7"),
     (ConvertOptions(quantize=False, dtype="float64"), "--dtype float64"),
+    (ConvertOptions(max_shard_gb=float("inf")), "--max-shard-gb inf"),
+    (ConvertOptions(max_shard_gb=float("nan")), "--max-shard-gb nan"),
+    (ConvertOptions(max_shard_gb=0), "--max-shard-gb 0"),
 ])
 def test_bad_options(ref32, tmp_path, options, message):
     with pytest.raises(KimiError, match=message):
         run(ref32.folder, tmp_path / "dst", options)
+
+
+@pytest.mark.parametrize("src,dst", [("REF", ""), ("REF", "  "), ("REF", "out\0put"), ("", "out"), ("a\0b", "out")])
+def test_empty_or_nul_paths_are_one_line(ref32, tmp_path, monkeypatch, src, dst):
+    """'' was the current folder (DST: 'already exists', or with --force the folder you stand in;
+    SRC: 'config.json: not found'); a NUL character was a ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(KimiError, match="not a (folder name for the output|checkpoint folder)") as e:
+        run(str(ref32.folder) if src == "REF" else src, dst, force=True)
+    assert "\n" not in str(e.value) and sorted(tmp_path.iterdir()) == before
 
 
 # ------------------------------------------------------------------------------ CLI
