@@ -221,7 +221,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, prepare=None) ->
 
 def resolve_model_path(path: str | Path) -> Path:
     """A local folder as is; `org/name` through huggingface-hub (weights, config and tokenizer only)."""
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # '' would be the current folder
         raise KimiError(f"model path {path!r}: give a folder, a hub repo id (org/name) or 'demo'")
     if str(path) == "demo":
         return demo_model_path()

@@ -109,6 +109,16 @@ def test_messages_may_be_a_tuple(loaded):
     assert generate(model, tok, tuple(messages), max_tokens=3) == generate(model, tok, messages, max_tokens=3)
 
 
+@pytest.mark.parametrize("command", [["info"], ["plan", "-c", "10"], ["generate", "-p", "hi", "-n", "2"]])
+@pytest.mark.parametrize("model", ["", " "])
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(folder, tmp_path, monkeypatch, command,  # noqa: F811
+                                                                        model):
+    """-m '' was the current folder: 'config.json: not found', or a model folder you stand in."""
+    shutil.copytree(folder, tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    one_line_exit_2(CliRunner().invoke(app, command + ["-m", model]), f"model path {model!r}")
+
+
 @pytest.mark.parametrize("dtype", [mx.int32, mx.uint8, mx.complex64, "int8", "bogus", 16])
 def test_load_refuses_a_dtype_that_is_not_a_float_the_model_runs_in(folder, dtype):  # noqa: F811
     """load(dtype=...) takes float16/bfloat16/float32 (or their names): an integer dtype loaded the
