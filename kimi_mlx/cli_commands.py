@@ -42,6 +42,8 @@ def run_generate(model_path, prompt, prompt_file, *, raw, system, max_tokens, sa
     out = out or sys.stdout
     check_sampling(max_tokens, **sampling)  # before the model is loaded
     check_text_option(system, "--system")
+    if raw and system:  # the system message is a turn of the chat form, which --raw leaves out
+        raise KimiError("--system needs the chat form; drop --raw or --system")
     text = read_prompt(prompt, prompt_file)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))

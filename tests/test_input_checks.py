@@ -109,6 +109,14 @@ def test_messages_may_be_a_tuple(loaded):
     assert generate(model, tok, tuple(messages), max_tokens=3) == generate(model, tok, messages, max_tokens=3)
 
 
+def test_generate_raw_with_a_system_message_is_refused(folder):  # noqa: F811
+    """--raw sends the text without the chat template, so there is no system turn to put --system
+    in: it was dropped silently (cache-prompt already refused the pair)."""
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--raw", "--system", "be brief",
+                                      "-p", "hi", "-n", "2"])
+    one_line_exit_2(result, "--system needs the chat form")
+
+
 @pytest.mark.parametrize("command", [["info"], ["plan", "-c", "10"], ["generate", "-p", "hi", "-n", "2"]])
 @pytest.mark.parametrize("model", ["", " "])
 def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(folder, tmp_path, monkeypatch, command,  # noqa: F811
