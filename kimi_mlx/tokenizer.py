@@ -38,6 +38,9 @@ from .errors import KimiError
 TIKTOKEN_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+# Control-token ids run from the BPE ranks up, every gap filled with a reserved token: an id far
+# past them (a corrupt config's 3000000000) would make billions of entries. Kimi has 256.
+MAX_SPECIAL_TOKENS = 1 << 20
 NUM_RESERVED_SPECIAL_TOKENS = 256
 
 # Kimi's pre-tokenizer split (tokenization_kimi.py, Kimi-K2 and Kimi-Linear alike).
@@ -194,6 +197,9 @@ def _named_tokens(path: Path, config: Mapping, num_base: int) -> tuple[dict[int,
         token_id = int(key)
         if token_id < num_base:
             raise _fail(path, f"added token {content!r} has id {token_id}, inside the {num_base} BPE ranks", _REDOWNLOAD)
+        if token_id >= num_base + MAX_SPECIAL_TOKENS:  # every id up to it gets a table entry (_special_table)
+            raise _fail(path, f"added token {content!r} has id {token_id}, more than {MAX_SPECIAL_TOKENS} past the "
+                        f"{num_base} BPE ranks", _REDOWNLOAD)
         names[token_id] = content
         if not isinstance(entry, dict) or entry.get("special", True):
             special.add(token_id)

@@ -88,6 +88,20 @@ def test_damaged_tokenizer_file_is_one_line(good, tmp_path, name, how):
     one_line(str(e.value), name)
 
 
+@pytest.mark.parametrize("token_id", [3_000_000_000, 2**63, 672 + (1 << 20)])
+def test_an_added_token_id_far_past_the_vocabulary_is_one_line(good, tmp_path, token_id):
+    """Every id from the BPE ranks to the largest added id gets a table entry: an id of 3e9 made
+    the loader build billions of them (a hang, then memory); now refused, the largest allowed id
+    (MAX_SPECIAL_TOKENS - 1 past the ranks) is not tried here, it is a million entries."""
+    folder = shutil.copytree(good, tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(token_id)] = {"content": "<|far|>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(KimiError, match=f"has id {token_id}, more than 1048576 past the 672 BPE ranks") as e:
+        load_tokenizer(folder)
+    one_line(str(e.value), "tokenizer_config.json")
+
+
 @pytest.mark.parametrize("command", [["info"], ["plan", "-c", "100"], ["generate", "-p", "hi", "-n", "2"]])
 @pytest.mark.parametrize("name,how", [("config.json", "[1, 2]"), ("config.json", "folder"), (INDEX, "[]"),
                                       (SHARD, "folder"), ("tokenizer_config.json", "folder")])
