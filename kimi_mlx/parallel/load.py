@@ -39,7 +39,7 @@ def load_sharded(path: str | Path, group=None, mode: str | None = None, dtype=No
 
     from ..config import ModelArgs
     from ..loading import load_model, resolve_model_path
-    from .pipeline import check_pipeline_split, pipeline
+    from .pipeline import check_pipeline_split, shard_pipeline
     from .tensor import check_tensor_split, shard_tensor
     from .world import check_same_checkpoint, join_world, progress, watch_ranks
 
@@ -56,7 +56,7 @@ def load_sharded(path: str | Path, group=None, mode: str | None = None, dtype=No
             check_pipeline_split(args.num_hidden_layers, N)
 
         def prepare(model):
-            (shard_tensor if mode == "tensor" else pipeline)(model, group)
+            (shard_tensor if mode == "tensor" else shard_pipeline)(model, group)
             if mode == "tensor":
                 read_row_blocks(model, folder, group)
             for layer in model.layers:  # the rest: one layer's tensors read (and sliced) at a time

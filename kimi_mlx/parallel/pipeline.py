@@ -8,7 +8,7 @@ per layer: 54 small messages per decode token against N here, which is what a sl
 The ranks take turns (no micro-batching): a stage idles while the others work, so a pipeline
 adds memory (each rank holds 1/N of the layers, their KDA states and latent caches) but not speed.
 
-`pipeline(model, group)` replaces model.model with a PipelineStage in place. Layers other ranks
+`shard_pipeline(model, group)` replaces model.model with a PipelineStage in place. Layers other ranks
 run become RemoteLayer placeholders (no weights, so loading never reads them), keeping the
 layer numbering, so model.make_cache() still makes one cache per layer; a remote layer's cache
 stays empty and only advances its offset (context checks read it).
@@ -97,7 +97,7 @@ def _after(cache, h: mx.array) -> None:
         cache.tail = (mx.depends(cache.tail[0], h), *cache.tail[1:])
 
 
-def pipeline(model, group) -> None:
+def shard_pipeline(model, group) -> None:
     """Split `model`'s layers across `group` in place (module docstring)."""
     model.model = PipelineStage(model.model, group)
     model.group = group  # generation broadcasts rank 0's tokens over it
