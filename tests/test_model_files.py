@@ -41,6 +41,9 @@ def damage(folder: Path, name: str, how: str) -> None:
     if how == "folder":
         path.unlink(missing_ok=True)
         path.mkdir()
+    elif how == "dangling":  # a hub cache whose blob was never downloaded (or was cleaned)
+        path.unlink(missing_ok=True)
+        path.symlink_to(folder / "no-such-blob")
     elif how == "not_utf8":
         path.write_bytes(b"\xff\xfe{\x00")
     else:  # JSON of the wrong kind, or a weight_map entry that leaves the folder
@@ -56,7 +59,7 @@ CASES = [
     (INDEX, '{"weight_map": {"model.norm.weight": 5}}'),
     (INDEX, '{"weight_map": {"model.norm.weight": "../m/' + SHARD + '"}}'),
     (INDEX, '{"weight_map": {"model.norm.weight": "/etc/hostname"}}'),
-    (SHARD, "folder"),
+    (SHARD, "folder"), (SHARD, "dangling"),
 ]
 TOKENIZER_CASES = [("tiktoken.model", "folder"), ("tokenizer_config.json", "folder"),
                    ("tokenizer_config.json", "not_utf8"), ("tokenizer_config.json", "[]"),
@@ -115,6 +118,27 @@ def test_damaged_model_file_through_the_cli_exits_2(good, tmp_path, command, nam
     err = result.stderr.strip()
     assert result.exit_code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, result.output
     assert name in err and "Traceback" not in result.output
+
+
+def test_a_dangling_weights_link_without_an_index_is_one_line(good, tmp_path):
+    """One model.safetensors, no index, the link to its blob dangling (a hub cache cleaned under
+    it): the size check read it outside its error handling, a FileNotFoundError traceback."""
+    folder = shutil.copytree(good, tmp_path / "m")
+    for p in [folder / INDEX, *folder.glob("*.safetensors")]:
+        p.unlink()
+    damage(folder, "model.safetensors", "dangling")
+    for read in (load_model, lambda f: plan_for_path(str(f), 100), open_source_of):
+        with pytest.raises(KimiError) as e:
+            read(folder)
+        one_line(str(e.value), "model.safetensors")
+    result = CliRunner().invoke(app, ["info", "-m", str(folder)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def open_source_of(folder):
+    from kimi_mlx.convert.source import open_source
+
+    return open_source(folder)
 
 
 def test_the_undamaged_folder_loads(good):
