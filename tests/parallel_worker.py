@@ -4,7 +4,8 @@
 For each job: loads FOLDER split by MODE over the same group, then writes OUT_PREFIX-J-RANK.npz
 with the logits of a whole prompt without a cache, of the same prompt fed to a cache in two
 steps, and of three decode steps after it, the bytes of this rank's parameters, and how many
-tensors it read as its row block alone (tensor mode).
+tensors it read as its row block alone (tensor mode), and 6 tokens sampled at temperature 1
+from a different random seed on each rank.
 """
 
 import sys
@@ -13,6 +14,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_lm.sample_utils import make_sampler
+
+from kimi_mlx.generate import generate_tokens
 from kimi_mlx.parallel import join_world, load_sharded
 from kimi_mlx.parallel.load import READS
 
@@ -45,7 +49,10 @@ def main() -> None:
         mode, folder = job.split(":", 1)
         model = load_sharded(folder, group, mode)
         held = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-        np.savez(f"{prefix}-{j}-{group.rank()}.npz", param_bytes=held, row_blocks=READS["row blocks"], **logits(model))
+        mx.random.seed(100 + group.rank())  # each rank its own random state: rank 0's samples must win
+        sampled = [t for t, _ in generate_tokens(model, mx.array(PROMPT[0]), max_tokens=6, sampler=make_sampler(1.0))]
+        np.savez(f"{prefix}-{j}-{group.rank()}.npz", param_bytes=held, row_blocks=READS["row blocks"],
+                 sampled=np.array(sampled), **logits(model))
 
 
 if __name__ == "__main__":

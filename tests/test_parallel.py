@@ -196,6 +196,13 @@ def test_plan_per_rank_is_what_each_rank_holds(split_runs, folders, mode, name):
     assert f"rank {fullest.rank} of 2" in fullest.format().splitlines()[1]
 
 
+@pytest.mark.parametrize("mode,name", [("tensor", "fp32"), ("pipeline", "fp32")])
+def test_ranks_continue_with_rank_0s_samples(split_runs, mode, name):
+    """Each rank sampled from its own seed; generation must still give every rank the same tokens."""
+    a, b = (run["sampled"].tolist() for run in split_runs[mode, name])
+    assert len(a) == 6 and a == b
+
+
 # ---------------------------------------------------------------- expert parallel paths
 
 
