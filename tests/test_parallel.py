@@ -339,3 +339,13 @@ def test_serve_under_mlx_launch_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("MLX_RANK", "0")
     with pytest.raises(KimiError, match="serve does not run under mlx.launch"):
         serve("demo")
+
+
+def test_plan_for_ranks_imports_no_model_modules():
+    """`kimi-mlx plan --ranks` stays a light command (no mlx-lm / transformers import, as plan)."""
+    code = ("import sys; from kimi_mlx.plan import plan_for_path\n"
+            "for mode in ('tensor', 'pipeline'): plan_for_path('demo', 1000, ranks=2, parallel=mode)\n"
+            "heavy = [m for m in ('mlx_lm', 'transformers', 'kimi_mlx.model') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -29,7 +29,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import KimiError
-from .expert import ExpertParallelMoE
 
 
 def tensor_split_sizes(args) -> list[tuple[str, int]]:
@@ -57,6 +56,8 @@ def check_tensor_split(args, ranks: int) -> None:
 
 def shard_tensor(model, group) -> None:
     """Split `model` (a kimi_mlx Model, weights loaded or lazy) across `group`, in place."""
+    from .expert import ExpertParallelMoE  # here: it imports mlx-lm, which `kimi-mlx plan --ranks` does not need
+
     N = group.size()
     check_tensor_split(model.args, N)
     for i, layer in enumerate(model.layers):
