@@ -5,6 +5,7 @@ User errors (KimiError) become one line on stderr and a non-zero exit code here,
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Optional
@@ -17,9 +18,30 @@ IGNORE_PLAN_HELP = "Run even when the memory plan says the context does not fit 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Kimi-Linear-48B-A3B with MLX.")
 
 
+def _standard_streams() -> None:
+    """Give a standard stream the shell closed (`<&-`, `>&-`, `2>&-`) /dev/null: else the next file
+    opened takes its descriptor (MLX then reads the weights' descriptor 0 as a failed open), and
+    Python's sys.stdout/err are None (writes fail with AttributeError). A descriptor some file
+    already took is left alone."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+            continue  # closed at start, but another file holds the number now
+        except OSError:
+            pass
+        new = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if new != fd:
+            os.dup2(new, fd)
+            os.close(new)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
 def _run(fn, *args, **kwargs):
     from kimi_mlx.errors import KimiError
 
+    _standard_streams()
     try:
         return fn(*args, **kwargs)
     except KimiError as e:
@@ -38,6 +60,17 @@ def _run(fn, *args, **kwargs):
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         raise typer.Exit(141) from None
+    except OSError as e:  # the machine's, not the input's: stdout on a full disk (> /dev/full), an I/O error
+        where = f"{e.filename}: " if e.filename else "cannot write the output: " if e.errno in _WRITE_ERRNOS else ""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        try:
+            typer.echo(f"error: {where}{e.strerror or e}", err=True)
+        except OSError:
+            pass  # stderr itself is what failed (closed, or a file some other open took): the exit code says it
+        raise typer.Exit(1) from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 @app.command()
@@ -45,7 +78,7 @@ def info(model: str = typer.Option("demo", "--model", "-m", help="Model folder, 
     """Describe a checkpoint: layer pattern, sizes, quantization, parameter count."""
     from kimi_mlx.summary import describe_model
 
-    typer.echo(_run(describe_model, model))
+    _run(typer.echo, _run(describe_model, model))
 
 
 @app.command()
@@ -154,7 +187,7 @@ def doctor():
     """Device, versions, memory, and the self-check and speed of each KDA kernel (paste it in bug reports)."""
     from kimi_mlx.doctor import report
 
-    typer.echo(_run(report))
+    _run(typer.echo, _run(report))
 
 
 @app.command()
@@ -176,7 +209,7 @@ def plan(
     memory = None if memory_gb is None else _run(gib_to_bytes, memory_gb)
     result = _run(plan_for_path, model, context, kv_bits=kv_bits, prefill_step=prefill_step, batch=batch,
                   memory_bytes=memory, backend=backend, ranks=ranks, parallel=parallel)
-    typer.echo(result.format())
+    _run(typer.echo, result.format())
     if not result.fits:
         raise typer.Exit(1)
 

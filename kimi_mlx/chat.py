@@ -290,6 +290,10 @@ class ChatSession:
 # ---------------------------------------------------------------- the terminal chat
 
 
+class OutputError(OSError):
+    """The replies cannot be written (stdout on a full disk, an I/O error): the session ends."""
+
+
 class _Terminal:
     """Reads lines and writes the reply and status; stdin may be a pipe (no TTY)."""
 
@@ -305,8 +309,7 @@ class _Terminal:
                 return input(">>> ")
             except EOFError:
                 return None
-        self.stdout.write(">>> ")
-        self.stdout.flush()
+        self.write(">>> ")
         line = self.stdin.readline(MAX_PROMPT_BYTES + 1)  # a bound: a line without end (/dev/zero) must not fill memory
         if len(line) > MAX_PROMPT_BYTES and not line.endswith("\n"):
             while (rest := self.stdin.readline(1 << 20)) and not rest.endswith("\n"):
@@ -316,8 +319,13 @@ class _Terminal:
         return line.rstrip("\r\n") if line else None
 
     def write(self, text: str) -> None:
-        self.stdout.write(text)
-        self.stdout.flush()
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # a full disk under `> chat.txt`, an I/O error: the replies cannot be shown
+            raise OutputError(e.errno, e.strerror) from None
 
     def note(self, text: str) -> None:
         self.stderr.write(f"\x1b[2m{text}\x1b[0m\n" if self.dim else f"{text}\n")
@@ -394,6 +402,9 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
             return 0
         except BrokenPipeError:
             raise  # the terminal went away: nothing to keep the session for (the CLI exits quietly)
+        except OutputError as e:
+            term.note(f"error: cannot write the output ({e.strerror or e})")
+            return 1
         except OSError as e:  # stdin unreadable: say so and end, the conversation cannot go on
             term.note(f"error: cannot read the input ({e.strerror or e})")
             return 1
@@ -417,6 +428,9 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
             term.note(f"error: {e}")
         except BrokenPipeError:
             raise  # the reader of the replies went away: end (the CLI exits quietly)
+        except OutputError as e:
+            term.note(f"error: cannot write the output ({e.strerror or e})")
+            return 1
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             term.note(f"error: {where}{e.strerror or e}")

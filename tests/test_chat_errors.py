@@ -7,6 +7,7 @@ the session still working (a later /save writes a file that loads back to the sa
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,25 @@ def test_a_reader_that_goes_away_is_a_quiet_exit(folder, command):  # noqa: F811
                           cwd=folder, env=ENV, timeout=120)
     err = [line for line in (folder / "err.txt").read_text().splitlines() if "context 1048576 tokens" not in line]
     assert proc.returncode == 141 and err == [], err  # nothing but chat's opening line
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("command", ["generate -p hi -n 3", "info", "plan -c 10", "chat -n 3"])
+def test_output_on_a_full_disk_is_one_line_exit_1(folder, command):  # noqa: F811
+    """stdout that cannot be written (> /dev/full: what a full disk does to `> reply.txt`) was an
+    OSError traceback (and a second one at exit), and chat said 'cannot read the input'; now one
+    line, exit 1."""
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} {ROOT / 'cli.py'} {command} --model {folder} > /dev/full"],
+                          capture_output=True, text=True, env=ENV, timeout=120, input="hello\n")
+    err = [line for line in proc.stderr.splitlines() if "context 1048576 tokens" not in line]  # chat's opening line
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert re.fullmatch(r"error: cannot write the output(: | \()No space left on device\)?", err[0]), err
+
+
+@pytest.mark.parametrize("command", ["generate -p hi -n 3", "chat -n 3"])
+def test_a_closed_stdin_is_not_taken_by_the_weights(folder, command):  # noqa: F811
+    """With stdin closed (`<&-`) the weights' file took descriptor 0 and MLX read that as a failed
+    open ('cannot read model.safetensors'); now stdin is /dev/null: generate runs, chat sees EOF."""
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} {ROOT / 'cli.py'} {command} --model {folder} <&-"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
