@@ -41,32 +41,31 @@ def load_sharded(path: str | Path, group=None, mode: str | None = None, dtype=No
     from ..loading import load_model, resolve_model_path
     from .pipeline import check_pipeline_split, shard_pipeline
     from .tensor import check_tensor_split, shard_tensor
-    from .world import check_same_checkpoint, join_world, progress, watch_ranks
+    from .world import check_same_checkpoint, join_world, progress
 
     mode = parallel_mode(mode)
     group = group if group is not None else join_world()
     folder = resolve_model_path(path)
-    with watch_ranks():  # a host that vanishes while loading ends this rank in one line
-        check_same_checkpoint(group, folder)  # first: the checks below must agree on every rank
-        args = ModelArgs.from_file(folder / "config.json")
-        N = group.size()
+    check_same_checkpoint(group, folder)  # first: the checks below must agree on every rank
+    args = ModelArgs.from_file(folder / "config.json")
+    N = group.size()
+    if mode == "tensor":
+        check_tensor_split(args, N)
+    else:
+        check_pipeline_split(args.num_hidden_layers, N)
+
+    def prepare(model):
+        (shard_tensor if mode == "tensor" else shard_pipeline)(model, group)
         if mode == "tensor":
-            check_tensor_split(args, N)
-        else:
-            check_pipeline_split(args.num_hidden_layers, N)
+            read_row_blocks(model, folder, group)
+        for layer in model.layers:  # the rest: one layer's tensors read (and sliced) at a time
+            mx.eval(layer.parameters())
+            progress()  # (the watchdog is armed only while generating: ranks load at their own pace)
 
-        def prepare(model):
-            (shard_tensor if mode == "tensor" else shard_pipeline)(model, group)
-            if mode == "tensor":
-                read_row_blocks(model, folder, group)
-            for layer in model.layers:  # the rest: one layer's tensors read (and sliced) at a time
-                mx.eval(layer.parameters())
-                progress()
-
-        READS["row blocks"] = 0
-        model = load_model(folder, dtype, prepare=prepare)
-        model.eval()
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every rank loaded: start together
+    READS["row blocks"] = 0
+    model = load_model(folder, dtype, prepare=prepare)
+    model.eval()
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every rank loaded: start together
     return model
 
 

@@ -13,8 +13,9 @@ mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
   * peer_error(): a lost connection (a rank that died) as one KimiError line instead of a
     traceback (the backend raises RuntimeError "[ring] connection to a peer was lost");
   * watch_ranks() / progress(): a host that vanishes (power, sleep, cable) closes no socket, and
-    the ring backend would wait for it forever; while collective work runs, a forked watchdog
-    ends this rank with one line when no step made progress for $KIMI_MLX_STEP_TIMEOUT s (300).
+    the ring backend would wait for it forever; while a generation runs (steps are in lockstep;
+    loading is not: a slow disk is not a hang), a forked watchdog ends this rank with one line when
+    no step made progress for $KIMI_MLX_STEP_TIMEOUT s (300).
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def progress() -> None:
 
 @contextmanager
 def watch_ranks():
-    """Around collective work (a generation, a load): the watchdog is armed inside, idle outside
-    (a chat waiting for its user is not a hang)."""
+    """Around a generation: the watchdog is armed inside, idle outside (a chat waiting for its
+    user is not a hang, nor a rank waiting at load for a slower one)."""
     if _watch is None:
         yield
         return
