@@ -122,6 +122,17 @@ def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float =
 TEMPERATURE_BOUNDS = (1e-30, 1e30)
 
 
+def sampling_repetition_penalty(penalty: float | None) -> float | None:
+    """The repetition penalty to hand mlx-lm's processor (which divides positive logits by it and
+    multiplies negative ones), kept within TEMPERATURE_BOUNDS for the same float32 reasons: below
+    ~1e-45 the penalty rounds to 0 and the division gives inf, then NaN logprobs; within the bounds
+    the repeated tokens' order and their lead over the others come out the same."""
+    if penalty is None:
+        return None
+    low, high = TEMPERATURE_BOUNDS
+    return min(max(penalty, low), high)
+
+
 def sampling_temperature(temperature: float) -> float:
     """The temperature to hand the sampler for a checked `temperature` (check_sampling): 0 (greedy)
     below TEMPERATURE_BOUNDS[0], at most TEMPERATURE_BOUNDS[1], else itself. See TEMPERATURE_BOUNDS."""
@@ -360,7 +371,7 @@ def stream_generate(
         mx.random.seed(seed)
     top_k = 0 if top_k >= model.args.vocab_size else top_k  # keeps every token: off (mlx-lm refuses it)
     sampler = make_sampler(temp=sampling_temperature(temperature), top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    processors = make_logits_processors(repetition_penalty=sampling_repetition_penalty(repetition_penalty))
     reply = ReplyText(tokenizer, max_tokens, stop)
     mx.reset_peak_memory()
 

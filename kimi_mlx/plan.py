@@ -438,7 +438,7 @@ def check_model_context_fits(model, context: int, kv_bits: int | None = None, **
 
 def gib_to_bytes(memory_gb: float) -> int:
     """--memory-gb as bytes; NaN, inf and amounts <= 0 are refused (one line)."""
-    if not (math.isfinite(memory_gb) and memory_gb > 0):
+    if not (math.isfinite(memory_gb) and memory_gb > 0 and math.isfinite(memory_gb * 2**30)):  # 1e308 GiB overflows
         raise KimiError(f"--memory-gb {memory_gb}: give a positive number of GiB")
     return int(memory_gb * 2**30)
 

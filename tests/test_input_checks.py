@@ -212,6 +212,16 @@ def test_extreme_temperatures_sample_their_limit(loaded, temperature, cut):
         assert got == greedy, (temperature, cut, seed)
 
 
+@pytest.mark.parametrize("penalty,bound", [(1e-300, 1e-30), (1e-46, 1e-30), (1e300, 1e30)])
+def test_extreme_repetition_penalties_give_their_bounds_result(loaded, penalty, bound):
+    """A penalty below float32's range rounded to 0 in mlx-lm's processor (logit / 0 = inf, then
+    NaN logprobs: an error blaming the weights); it now samples what the bound does."""
+    model, tok = loaded
+    ids = [5, 6, 7, 5, 6]
+    want = [r.token for r in stream_generate(model, tok, ids, max_tokens=5, repetition_penalty=bound)]
+    assert [r.token for r in stream_generate(model, tok, ids, max_tokens=5, repetition_penalty=penalty)] == want
+
+
 def test_edge_values_are_accepted():
     # 0 = off/greedy is the existing convention (mlx-lm's make_sampler) and stays valid
     check_sampling(1, temperature=0, top_p=0, top_k=0, min_p=0, repetition_penalty=None)
@@ -440,6 +450,7 @@ def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(  # noqa: F811
 
 
 @pytest.mark.parametrize("args,flag", [(["--memory-gb", "-3"], "--memory-gb"), (["--memory-gb", "0"], "--memory-gb"),
+                                       (["--memory-gb", "1e308"], "--memory-gb"),
                                        (["--memory-gb", "nan"], "--memory-gb"), (["--memory-gb", "inf"], "--memory-gb"),
                                        (["--prefill-step", "0"], "prefill step 0"), (["--batch", "0"], "batch 0"),
                                        (["--kv-bits", "5"], "--kv-bits 5")])
