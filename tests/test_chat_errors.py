@@ -8,6 +8,7 @@ the session still working (a later /save writes a file that loads back to the sa
 import io
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -154,12 +155,14 @@ def test_save_never_overwrites_a_file_that_is_not_ours(loaded, folder, tmp_path)
     twin = tmp_path / "chat.safetensors.tmp.safetensors"  # the temporary's old fixed name
     twin.write_text("someone's file")
     before = {p: p.read_bytes() for p in (notes_txt, weights, twin)}
-    theirs = [notes_txt, weights, link]
+    fifo = tmp_path / "pipe"  # not a regular file (nor is /dev/null, which os.replace as root would replace)
+    os.mkfifo(fifo)
+    theirs = [notes_txt, weights, link, fifo]
     code, notes = run_lines(session, ["hello", *[f"/save {p}" for p in theirs], f"/save {tmp_path / 'chat.safetensors'}",
                                       "again", f"/save {tmp_path / 'chat.safetensors'}"])
     errors = error_lines(notes)
     assert code == 0 and len(errors) == len(theirs) and all("not a kimi-mlx chat" in e for e in errors), notes
-    assert {p: p.read_bytes() for p in before} == before and link.is_symlink()
+    assert {p: p.read_bytes() for p in before} == before and link.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)
     back = ChatSession(model, tok, max_tokens=3)
     back.load(tmp_path / "chat.safetensors")  # our own file is replaced: the second save holds both turns
     assert back.messages == session.messages and len(back.messages) == 4
