@@ -157,6 +157,15 @@ def test_completions_stop_max_tokens_logprobs_seed(live, demo):
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_tiny_temperature_is_greedy(live, demo):
+    # 1/t overflows float32 below ~1e-38: every logit became -inf and a random id was drawn
+    c = live.client()
+    prompt = "12+34="
+    ref = reference(demo, demo[1].encode(prompt), 8)
+    r = c.completions.create(model="demo", prompt=prompt, temperature=1e-300, max_tokens=8, seed=3)
+    assert r.choices[0].text == ref
+
+
 def test_chat_logprobs(live):
     r = live.client().chat.completions.create(model="demo", messages=CHATS[1], temperature=0, max_tokens=6,
                                               logprobs=True, top_logprobs=3)

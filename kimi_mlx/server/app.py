@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import KimiError
-from ..generate import check_context
+from ..generate import check_context, sampling_temperature  # tiny temperatures: greedy
 from .engine import Engine, Event, QueueFull, Request, ShuttingDown
 from .sampling import SamplingParams
 from .tools import ToolCallStream
@@ -87,7 +87,8 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, list[str]]:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    return SamplingParams(temperature, top_p, top_k, min_p, seed), _max_tokens(body), stop
+    params = SamplingParams(sampling_temperature(temperature), top_p, top_k, min_p, seed)
+    return params, _max_tokens(body), stop
 
 
 def _max_tokens(body: dict) -> int | None:
