@@ -14,12 +14,12 @@ import pytest
 
 from kimi_mlx import load_model
 from kimi_mlx.demo import data
-from kimi_mlx.demo.evaluate import MODEL_DIR, greedy_reply, score_examples
+from kimi_mlx.demo.evaluate import MODEL_DIR, greedy_reply, retrieval_fillers, score_examples, unseen_examples
 from kimi_mlx.kda import KDA_PATHS, set_kda_path
 from kimi_mlx.loading import check_safetensors
 from kimi_mlx.tokenizer import load_tokenizer
 
-MIN_ACCURACY = 0.9
+MIN_ACCURACY = 0.96  # on the fixed 50-chat sample: at most 2 misses per task
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,16 @@ def kda_path():
 
 @pytest.fixture(scope="module")
 def unseen():
-    """Held-out chats: every prompt that training drew is skipped (replayed from its seeds)."""
-    from kimi_mlx.demo.train import seen_in_training, training_stages
-
-    return data.heldout(50, data.EVAL_SEED, exclude=seen_in_training(training_stages(MODEL_DIR)))
+    """Held-out chats the model never trained on (the held-out split of the prompt space)."""
+    return unseen_examples(MODEL_DIR, 50)
 
 
 def test_scores_on_heldout_tasks(model, tokenizer, unseen):
-    # A fixed sample of 50 unseen chats per task (90/100/100/92/92%): a regression guard, not the
-    # model's true accuracy. On 400 unseen chats per task (one task at a time) the shipped model
-    # scores addition 92.8%, copy 100%, reverse 100%, count 92.2%, recall 86.5%: recall is below
-    # the issue's 90% (issue 5 stays open).
+    # A fixed sample of 50 held-out chats per task (100% on every task, CPU, fp32): a regression
+    # guard, not the model's true accuracy. On 400 held-out chats per task (greedy, the bf16 weights
+    # read in fp32) the shipped model scores addition 99.8%, copy 100%, reverse 100%, count 99.2%,
+    # recall 99.5% (on the H200, MLX's CUDA backend; on this CPU, 100 other held-out chats per task:
+    # 100/100/100/100/98%).
     examples = unseen
     scores = score_examples(model, tokenizer, examples)
     assert set(scores) == set(data.TASKS)
@@ -128,36 +127,55 @@ def test_transformers_reads_the_shipped_checkpoint(reference_module, model):
     assert np.abs(want - got).max() < 1e-3
 
 
-MAX_QUANTIZATION_DROP = 0.03  # the issue: 4-bit stays within 3 points of full precision
+MAX_KV8_DROP = 0.03  # --kv-bits 8 on recall
+MAX_QUANTIZATION_DROP = 0.02  # issue 17: 4-bit (and mxfp4) within 2 points of full precision
 
 
 def test_8bit_latent_cache_keeps_recall(model, tokenizer):
     """--kv-bits 8 on the task that reads the MLA latents from far back."""
     examples = data.heldout(50, data.EVAL_SEED + 9, tasks=("recall",))
     full = score_examples(model, tokenizer, examples)["recall"]
-    assert full - score_examples(model, tokenizer, examples, kv_bits=8)["recall"] <= MAX_QUANTIZATION_DROP
+    assert full - score_examples(model, tokenizer, examples, kv_bits=8)["recall"] <= MAX_KV8_DROP
+
+
+def test_retrieval_at_4x_the_training_length(model, tokenizer):
+    """One fact at a random depth in a prompt 4x the longest retrieval prompt of training (~700
+    tokens): the KDA state decays, the MLA layers must find it. 8 chats here, one miss allowed; on
+    the CPU in fp32 the model scores 100% at 1x (100 chats), 4x (100) and 16x (2812 tokens, 50)."""
+    tokens, filler = retrieval_fillers(tokenizer, (4,))[4]
+    examples = data.heldout(8, data.EVAL_SEED + 3, tasks=("retrieval",), recall_filler=filler, split=True)
+    assert score_examples(model, tokenizer, examples)["retrieval"] >= 7 / 8
+
+
+QUANTIZED = {"uniform": {"bits": 4, "recipe": "uniform"}, "mixed": {"bits": 4, "recipe": "mixed"},
+             "mxfp4": {"mode": "mxfp4"}}
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """The shipped checkpoint through the converter, as a user runs it: 4-bit uniform and mixed."""
+    """The shipped checkpoint through the converter, as a user runs it: 4-bit uniform and mixed, mxfp4."""
     from kimi_mlx.convert import ConvertOptions, convert_checkpoint
 
     out = tmp_path_factory.mktemp("converted")
     folders = {}
-    for recipe in ("uniform", "mixed"):
-        folders[recipe] = out / recipe
-        convert_checkpoint(MODEL_DIR, folders[recipe], ConvertOptions(bits=4, recipe=recipe), log=lambda _: None)
+    for name, options in QUANTIZED.items():
+        folders[name] = out / name
+        convert_checkpoint(MODEL_DIR, folders[name], ConvertOptions(**options), log=lambda _: None)
     return folders
 
 
-@pytest.mark.parametrize("recipe", ["uniform", "mixed"])
-def test_4bit_conversion_keeps_the_scores(model, tokenizer, converted, recipe):
+@pytest.fixture(scope="module")
+def quantization_sample(model, tokenizer):
     examples = data.heldout(40, data.EVAL_SEED + 5)
-    full = score_examples(model, tokenizer, examples)
-    quant = score_examples(load_model(converted[recipe]), tokenizer, examples)
+    return examples, score_examples(model, tokenizer, examples)
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_4bit_conversion_keeps_the_scores(tokenizer, converted, quantization_sample, name):
+    examples, full = quantization_sample
+    quant = score_examples(load_model(converted[name]), tokenizer, examples)
     mean = lambda s: sum(s.values()) / len(s)  # noqa: E731
-    assert mean(full) - mean(quant) <= MAX_QUANTIZATION_DROP, f"full {full}, 4-bit {recipe} {quant}"
+    assert mean(full) - mean(quant) <= MAX_QUANTIZATION_DROP, f"full {full}, {name} {quant}"
 
 
 def test_chat_answers_through_the_cli_with_piped_stdin():

@@ -124,13 +124,22 @@ def retrieval_fillers(tokenizer, scales=(1, 4, 16)) -> dict[float, tuple[int, tu
 
 
 def score_retrieval(model: Model, tokenizer, n: int, scales=(1, 4, 16), seed: int = data.EVAL_SEED + 3,
-                    split: bool = True, batch: int = 32) -> dict[str, dict]:
+                    split: bool = True, batch: int = 0) -> dict[str, dict]:
     """Retrieval accuracy per context scale (1x = the longest training prompt): {"4x": {"tokens",
-    "filler", "accuracy"}}. Batched greedy decoding; prompts from the held-out split by default."""
+    "filler_sentences", "accuracy"}}; prompts from the held-out split by default.
+
+    batch 0: one chat at a time with the cache (greedy_reply, as generate runs); batch > 0:
+    greedy_batch. (On MLX 0.32.4's CUDA backend, greedy_batch of 32 rows of ~700+ tokens failed in
+    the MLA layer with "cudaGraphAddKernelNode ... invalid argument"; one row at a time is the
+    path generation uses.)
+    """
     out = {}
     for scale, (tokens, filler) in retrieval_fillers(tokenizer, scales).items():
         examples = data.heldout(n, seed, tasks=("retrieval",), recall_filler=filler, split=split)
-        acc = score_batched(model, tokenizer, examples, batch=batch)["retrieval"]
+        if batch:
+            acc = score_batched(model, tokenizer, examples, batch=batch)["retrieval"]
+        else:
+            acc = score_examples(model, tokenizer, examples)["retrieval"]
         out[f"{scale:g}x"] = {"tokens": tokens, "filler_sentences": filler[0], "accuracy": acc}
     return out
 

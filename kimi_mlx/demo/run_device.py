@@ -53,7 +53,7 @@ def gpu_name() -> str | None:
 
 def convert_variant(src: Path, dst: Path, variant: str) -> Path:
     """`kimi-mlx convert src dst --bits 4 [--recipe mixed]` or `--q-mode mxfp4`, as a user runs it."""
-    from convert import ConvertOptions, convert_checkpoint
+    from kimi_mlx.convert import ConvertOptions, convert_checkpoint
 
     options = ConvertOptions(mode="mxfp4") if variant == "mxfp4" else ConvertOptions(bits=4, recipe=variant)
     convert_checkpoint(src, dst, options, force=True, log=lambda _: None)

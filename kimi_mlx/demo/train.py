@@ -475,6 +475,8 @@ def train(out: Path, *, steps: int, minutes: float, lr: float, tokens_per_batch:
     reproduce = None
     if command:  # the same run with the schedule's length fixed (--steps 0 chose it from the clock)
         reproduce = list(command)
+        if "--minutes" in reproduce:  # the clock cap of this device; the default cap is generous
+            del reproduce[reproduce.index("--minutes"):reproduce.index("--minutes") + 2]
         if "--steps" in reproduce:
             reproduce[reproduce.index("--steps") + 1] = str(steps)
         else:
