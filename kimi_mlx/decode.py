@@ -32,8 +32,7 @@ import mlx.nn as nn
 
 from .cache import KDACache
 from .kda import get_kda_path, kda_update
-from .kda.prologue import l2_normalize
-from .kda_layer import _gated
+from .kda.prologue import l2_normalize, output_gate
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 
@@ -165,12 +164,18 @@ def _kda_fusions(layer) -> list[FusedParams] | None:
     return layer.__dict__["_decode_fusions"]
 
 
-def _kda_attention(attn, x: mx.array, windows, state, qkv: mx.array, fgb, conv_w: mx.array):
+def _kda_attention(attn, x: mx.array, windows, state, qkv: mx.array, fgb, conv_w: mx.array, kernel: bool = False):
     """KimiDeltaAttention's decode step (T = 1, no padding) on fused inputs: the eager layer's math
     (kda_layer.py, the reference), with the three convs as one over 3C channels and the q, k L2
-    norms as one. qkv: [B, 1, 3C] fused projection; fgb: (f_a, g_a, b) outputs; conv_w: [3C, K, 1].
-    Returns (output [B, 1, hidden], windows 3 x [B, K-1, C], state)."""
+    norms as one; with `kernel`, conv to output gate as ONE kernel (kda_decode_layer, through the
+    layer's kernel_step). qkv: [B, 1, 3C] fused projection; fgb: (f_a, g_a, b) outputs;
+    conv_w: [3C, K, 1]. Returns (output [B, 1, hidden], windows 3 x [B, K-1, C], state)."""
     B, T, _ = x.shape
+    if kernel:
+        c = KDACache()
+        c.conv, c.recurrent = windows, state
+        y = attn.kernel_step(x, (None, None, None, *fgb), c, qkv=qkv, conv_w=conv_w)
+        return y, c.conv, c.recurrent
     H, D = attn.num_heads, attn.head_dim
     C, K = H * D, conv_w.shape[1]
     xs = mx.concatenate([mx.concatenate(windows, axis=-1), qkv], axis=1)  # [B, K, 3C]
@@ -187,8 +192,7 @@ def _kda_attention(attn, x: mx.array, windows, state, qkv: mx.array, fgb, conv_w
     beta = mx.sigmoid(bx.astype(mx.float32))
     o, state = kda_update(q, k, v, g, beta, state)
     gate = attn.g_b_proj(ga).reshape(B, T, H, D)
-    o = mx.fast.rms_norm(o.astype(mx.float32), attn.o_norm.weight.astype(mx.float32), attn.o_norm.eps)
-    o = _gated(o, gate.astype(x.dtype))
+    o = output_gate(o, gate.astype(x.dtype), attn.o_norm.weight, attn.o_norm.eps)
     return attn.o_proj(o.reshape(B, T, C)), mx.split(xs[:, T:], 3, axis=-1), state
 
 
@@ -212,7 +216,7 @@ def _mlp_half(layer, h: mx.array, fusion: FusedLinears | None, arrays) -> mx.arr
     return h + layer.mlp(z, fusion(z, arrays) if fusion is not None else None)
 
 
-def _kda_step(layer):
+def _kda_step(layer, kernel: bool = False):
     fusions, mlp_fusion = _kda_fusions(layer), _mlp_fusion(layer)
 
     def step(x, wq, wk, wv, state, *fused):
@@ -227,7 +231,7 @@ def _kda_step(layer):
             qkv = fusions[0].matmul(h_in, fused[:n0])
             fgb = fusions[1](h_in, fused[n0:n0 + n1])
             y, windows, state = _kda_attention(layer.self_attn, h_in, [wq, wk, wv], state, qkv, fgb,
-                                               fused[n0 + n1])
+                                               fused[n0 + n1], kernel)
             h, i = x + y, n0 + n1 + 1
         return (_mlp_half(layer, h, mlp_fusion, fused[i:]), *windows, state)
 
@@ -275,12 +279,15 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
             conv, state = [window] * 3, mx.zeros((B, attn.num_heads, attn.head_dim, attn.head_dim), mx.float32)
         else:
             conv, state = cache.conv, cache.recurrent
-        # The KDA dispatcher's one-time kernel self-check (on Metal) evaluates arrays: run it here,
-        # not inside the trace. q, k reach the recurrence in float32, v in the activation dtype.
+        # The kernels' one-time self-checks (on a GPU) evaluate arrays: run them here, not inside
+        # the trace. q, k reach the recurrence in float32, v in the activation dtype. With the
+        # Layer kernel ready, the attention from conv to output gate is that one kernel.
         attn = layer.self_attn
         get_kda_path(1, (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype))
+        kernel = attn.kernel_step_ready(x.dtype)
         fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
-        out = _run(layer, "kda", x, lambda: _kda_step(layer), *conv, state, *fused)
+        out = _run(layer, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
+                   *fused)
         if out is None:
             return None
         h, *cache.conv, cache.recurrent = out

@@ -81,15 +81,21 @@ def _median_ms(fn, args, repeats: int = 5) -> float:
 
 
 def kernel_report() -> list[str]:
-    """Self-check per kernel configuration; speed on Metal only (nothing to time elsewhere)."""
+    """Self-check per kernel configuration and speed, where the default device is a GPU (Metal
+    or CUDA: the same kernel sources); nothing to check or time on the CPU device."""
     H, Dk, Dv = REAL_SHAPE
     lines = [f"kernel mode: {kda_metal_mod.get_kernel_mode()} (KIMI_MLX_KERNELS=auto|metal|ops)"]
-    if not mx.metal.is_available():
-        lines.append("Metal not available: the MLX ops paths are in use (chunked prefill, mx.fast decode)")
+    backend = kda_metal_mod.kernel_backend()
+    if backend is None:
+        lines.append("the default device is the CPU: the MLX ops paths are in use (chunked prefill, mx.fast decode)")
         return lines
     for dtype in (mx.float32, mx.bfloat16):
         problem = kda_metal_mod.kernel_status(H, Dk, Dv, dtype, dtype)
-        lines.append(f"  kda kernels H={H} D={Dk} {dtype}: " + ("self-check passed" if problem is None else problem))
+        lines.append(f"  kda kernels ({backend}) H={H} D={Dk} {dtype}: "
+                     + ("self-check passed" if problem is None else problem))
+        problem = kda_metal_mod.layer_status(H, Dk, Dv, 4, dtype)
+        lines.append(f"  kda layer step kernel ({backend}) H={H} D={Dk} {dtype}: "
+                     + ("self-check passed" if problem is None else problem))
     if kda_metal_mod.kernel_status(H, Dk, Dv) is None:
         for T, label in ((1, "decode step"), (PREFILL_T, f"prefill {PREFILL_T}")):
             args = _inputs(T, H, Dk)

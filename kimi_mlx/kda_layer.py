@@ -11,15 +11,15 @@ Parameter names follow mlx-lm's `kimi_linear` so converted checkpoints load in b
 
 from __future__ import annotations
 
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KDACache
 from .config import ModelArgs
-from .kda import kda_update
-from .kda.prologue import forget_gate, l2_normalize  # the one definition of the prologue's math
+from .kda import kda_decode_layer, kda_update, layer_kernel_ready
+# The one definition of the math around the recurrence (conv, prologue, output norm and gate).
+from .kda.prologue import conv_silu, forget_gate, l2_normalize, output_gate
 
 
 class ShortConv(nn.Module):
@@ -44,12 +44,7 @@ class ShortConv(nn.Module):
         xs = mx.concatenate([window, x], axis=1)  # [B, K-1+T, C]
         if valid is not None:
             xs = _pads_first(xs, T - valid.sum(axis=1).astype(mx.int32), K - 1)
-        w = self.conv.weight[:, :, 0]  # [C, K]
-        # K is 4: a few shifted multiply-adds beat a grouped conv on every backend.
-        out = xs[:, 0:T] * w[:, 0]
-        for j in range(1, K):
-            out = out + xs[:, j : j + T] * w[:, j]
-        return nn.silu(out), xs[:, T:]
+        return conv_silu(xs, self.conv.weight[:, :, 0], T), xs[:, T:]
 
 
 def _pads_first(xs: mx.array, pads: mx.array, w: int) -> mx.array:
@@ -59,13 +54,6 @@ def _pads_first(xs: mx.array, pads: mx.array, w: int) -> mx.array:
     p = pads[:, None]  # [B, 1]
     src = mx.where(j < p, w + j, mx.where(j < p + w, j - p, j))  # [B, w+T] source position
     return mx.take_along_axis(xs, src[..., None], axis=1)
-
-
-@partial(mx.compile, shapeless=True)
-def _gated(o: mx.array, gate: mx.array) -> mx.array:
-    """o * sigmoid(gate) in fp32, cast back to gate's dtype: one fused kernel.
-    o: [B, T, H, D] fp32 (normalised output); gate: [B, T, H, D] activation dtype."""
-    return (o * mx.sigmoid(gate.astype(mx.float32))).astype(gate.dtype)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -115,6 +103,8 @@ class KimiDeltaAttention(nn.Module):
                 raise ValueError("precomputed projections are for unpadded inputs (mask None)")
             x = mx.where(valid[..., None], x, 0).astype(x.dtype)
         qx, kx, vx, fa, ga, bx = self.project(x) if proj is None else proj
+        if valid is None and T == 1 and cache is not None and self.kernel_step_ready(x.dtype):
+            return self.kernel_step(x, (qx, kx, vx, fa, ga, bx), cache)
         windows = cache.conv if cache is not None and cache.conv is not None else [None] * 3
         q, wq = self.q_conv(qx, windows[0], valid)
         k, wk = self.k_conv(kx, windows[1], valid)
@@ -136,6 +126,42 @@ class KimiDeltaAttention(nn.Module):
             cache.offset += T
 
         gate = self.g_b_proj(ga).reshape(B, T, H, D)
-        o = mx.fast.rms_norm(o.astype(mx.float32), self.o_norm.weight.astype(mx.float32), self.o_norm.eps)
-        o = _gated(o, gate.astype(x.dtype))
+        o = output_gate(o, gate.astype(x.dtype), self.o_norm.weight, self.o_norm.eps)
         return self.o_proj(o.reshape(B, T, H * D))
+
+    def kernel_step_ready(self, dtype) -> bool:
+        """True when a one-token step runs as one kernel (kimi_mlx.kda.layer_kernel_ready: the KDA
+        path for one token is our kernels and the Layer kernel passed its self-check)."""
+        return layer_kernel_ready(self.num_heads, self.head_dim, self.head_dim, self.q_conv.kernel_size, dtype)
+
+    def conv_weight(self) -> mx.array:
+        """The three convs' weights stacked, [3 H D, K, 1] (q, k, v channels), made once per set
+        of weights (a new load replaces the arrays, and then this)."""
+        ws = [self.q_conv.conv.weight, self.k_conv.conv.weight, self.v_conv.conv.weight]
+        ids, fused = self.__dict__.get("_conv_stack", (None, None))
+        if ids != tuple(map(id, ws)):
+            fused = mx.concatenate(ws, axis=0)
+            self.__dict__["_conv_stack"] = (tuple(map(id, ws)), fused)  # not a parameter
+        return fused
+
+    def kernel_step(self, x: mx.array, proj: tuple[mx.array, ...], cache: KDACache,
+                    qkv: mx.array | None = None, conv_w: mx.array | None = None) -> mx.array:
+        """The one-token step from the projections (`project(x)`; qkv: q, k, v side by side when
+        the caller has them fused) through kda_decode_layer (conv, prologue, recurrence, output
+        norm and gate in one kernel), then o_proj. Advances `cache`. Same math as __call__."""
+        B, T, _ = x.shape
+        H, D, K = self.num_heads, self.head_dim, self.q_conv.kernel_size
+        qx, kx, vx, fa, ga, bx = proj
+        if qkv is None:
+            qkv = mx.concatenate([qx, kx, vx], axis=-1)  # [B, T, 3 H D]
+        windows = cache.conv
+        if windows is None:
+            windows = [mx.zeros((B, K - 1, H * D), dtype=qkv.dtype)] * 3
+        f = self.f_b_proj(fa).reshape(B, T, H, D)
+        gate = self.g_b_proj(ga).reshape(B, T, H, D)
+        y, windows, state = kda_decode_layer(qkv, windows, self.conv_weight() if conv_w is None else conv_w, f, bx,
+                                             self.A_log, self.dt_bias, gate, self.o_norm.weight, self.o_norm.eps,
+                                             cache.recurrent)
+        cache.conv, cache.recurrent = windows, state
+        cache.offset += T
+        return self.o_proj(y.reshape(B, T, H * D))

@@ -44,7 +44,7 @@
     }
   }
 
-// @kernel kda_chunk_state(Wk, QS, KS, U0, decay, state_in, N) -> (U, OI, state_out)
+// @kernel kda_chunk_state(Wk, QS, KS, U0, decay, state_in, sizes) -> (U, OI, state_out)
 // Carries the fp32 state S [Dv, Dk] across the N chunks of one (b, h), in threadgroup memory.
 // Per chunk, with S its start state:
 //   U  = U0 - Wk S^T           the chunk's values corrected for S          [C, Dv]
@@ -54,10 +54,11 @@
 //   Wk, QS, KS [B, H, N, C, Dk]  float32: W of kda_chunk_ut; q_t exp(G_t); k_t exp(G_C - G_t)
 //   U0         [B, H, N, C, Dv]  float32
 //   decay      [B, H, N, Dk]     float32: exp(G_C), the chunk's whole decay
-//   state_in   [B, H, Dv, Dk]    float32;  N: scalar int
+//   state_in   [B, H, Dv, Dk]    float32;  sizes: [1] int32, N (a 1-element array: see kda_decode.metal)
 //   U, OI      [B, H, N, C, Dv]  float32;  state_out [B, H, Dv, Dk] float32
-// Template C, Dk, Dv. Grid (128, Dv / 32, B * H), threadgroup (128, 1, 1): one threadgroup per
-// (b, h, 32 rows of Dv), which walks the chunks in order.
+// Template C, Dk, Dv, Threads, Rows. Grid (Threads, Dv / Rows, B * H), threadgroup (Threads, 1, 1):
+// one threadgroup per (b, h, Rows rows of Dv), which walks the chunks in order.
+  const int N = sizes[0];
   const int tid = thread_index_in_threadgroup;
   const long bh = threadgroup_position_in_grid.z;
   const int r0 = threadgroup_position_in_grid.y * Rows;

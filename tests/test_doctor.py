@@ -20,7 +20,7 @@ def test_doctor_on_cpu_says_ops_paths_are_used(monkeypatch):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert f"mlx {mx.__version__}" in out and "memory" in out
-    assert "Metal not available: the MLX ops paths are in use" in out
+    assert "the default device is the CPU: the MLX ops paths are in use" in out
     if not mx.is_available(mx.gpu):
         assert "gpu: none" in out and "kimi-mlx[cuda]" in out
     assert "chunked  vs naive: relative error" in out and "FAILED" not in out
@@ -38,7 +38,8 @@ def test_doctor_reports_kernel_self_check_and_speed_on_metal(monkeypatch):
     finally:
         metal._use_backend(None)
     text = "\n".join(lines)
-    assert "H=2 D=32 mlx.core.float32: self-check passed" in text
+    assert "(emulator) H=2 D=32 mlx.core.float32: self-check passed" in text
+    assert "kda layer step kernel (emulator) H=2 D=32 mlx.core.bfloat16: self-check passed" in text
     assert "decode step: kernels" in text and "prefill 65: kernels" in text and "mx.fast" in text
 
 

@@ -21,6 +21,7 @@ import pytest
 from kimi_mlx.kda import kda_naive
 from kimi_mlx.kda import metal
 from kimi_mlx.kda.metal import MetalKDA, relative_error
+from kimi_mlx.kda.prologue import decode_layer_ops
 from kimi_mlx.kda_layer import l2_normalize
 from metal_emu import emulate
 
@@ -135,6 +136,15 @@ def test_metal_fused_step_matches_layer_math(T, Dk, Dv, dtype):
     check(out, (T, Dk, Dv, dtype), tol=2e-2 if dtype == mx.bfloat16 else None)
 
 
+@pytest.mark.parametrize("B, T, Dk, Dv, dtype", [
+    (2, 1, 32, 32, mx.float32), (1, 1, 128, 128, mx.float32), (2, 3, 64, 64, mx.float32), (2, 1, 64, 32, mx.bfloat16),
+    (1, 5, 128, 128, mx.bfloat16)])
+def test_metal_layer_step_matches_ops(B, T, Dk, Dv, dtype):
+    """The Layer kda_decode (conv, prologue, recurrence, output norm and gate in one kernel)
+    against the same steps in MLX ops with kda_naive; T > 1 walks past the conv window."""
+    check_layer(backend(), layer_inputs(B, T, 2, Dk, Dv, dtype=dtype), TOL[dtype])
+
+
 def test_metal_empty_sequence():
     q, k, v, g, beta, state = inputs(1, 32, 32)
     o, s = backend()(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0], state)
@@ -154,7 +164,7 @@ def planted(kernel: str, old: str, new: str, occurrence: int = 0, schedule: str 
     """Kernels with one text substitution in `kernel`'s body (the `occurrence`-th match)."""
 
     def edit(name, source):
-        if name != kernel:
+        if name.split("__")[0] != kernel:  # MetalKDA names an instance <kernel>__<digest>_<dtypes>
             return source
         at = -1
         for _ in range(occurrence + 1):
@@ -172,9 +182,38 @@ def run_route(kernels: MetalKDA, kernel: str):
     return kernels.prefill(*inputs(200, 32, 32)), (200, 32, 32)  # 4 chunks: the state crosses 3 boundaries
 
 
-def assert_caught(kernels: MetalKDA, kernel: str):
-    """The comparison with kda_naive fails (or the emulator reports the fault)."""
+def layer_inputs(B=2, T=1, H=2, Dk=32, Dv=32, K=4, dtype=mx.float32, seed=0):
+    """kda_decode_layer's inputs (kimi_mlx/kda/metal.py), random; gates strong as in raw_inputs."""
+    rng = np.random.default_rng([B, T, H, Dk, Dv, seed])
+    n = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    C, Cv = H * Dk, H * Dv
+    act = lambda x: x.astype(dtype)  # noqa: E731
+    return (act(n(B, T, 2 * C + Cv)), [act(n(B, K - 1, C)), act(n(B, K - 1, C)), act(n(B, K - 1, Cv))],
+            act(0.5 * n(2 * C + Cv, K, 1)), act(2 * n(B, T, H, Dk)), act(n(B, T, H)),
+            mx.array(rng.uniform(0, 1.5, H).astype(np.float32)), n(H * Dk), act(n(B, T, H, Dv)),
+            act(1 + 0.1 * n(Dv)), 1e-5, 0.5 * n(B, H, Dv, Dk))
+
+
+def check_layer(kernels: MetalKDA, args, tol: float):
+    """The Layer kernel against decode_layer_ops (the layer's math in MLX ops, kda_naive inside):
+    output, state, and the new conv windows (copies: exactly equal)."""
+    y, windows, state = kernels.layer(*args)
+    ry, rwin, rstate = decode_layer_ops(*args)
+    assert y.shape == ry.shape and y.dtype == ry.dtype and state.dtype == mx.float32
+    errs = relative_error(y, ry), relative_error(state, rstate)
+    assert errs[0] <= tol and errs[1] <= tol, errs
+    for w, r in zip(windows, rwin):
+        assert w.shape == r.shape and w.dtype == r.dtype and mx.array_equal(w, r).item()
+    return errs
+
+
+def assert_caught(kernels: MetalKDA, kernel: str, route: str = ""):
+    """The comparison with the reference fails (or the emulator reports the fault)."""
     try:
+        if route == "layer":
+            with pytest.raises(AssertionError):
+                check_layer(kernels, layer_inputs(T=3), TOL[mx.float32])
+            return
         out, key = run_route(kernels, kernel)
     except emulate.EmulatorError:
         return
@@ -191,13 +230,27 @@ def test_metal_planted_sign_flip_is_caught(kernel, old, new):
     assert_caught(planted(kernel, old, new), kernel)
 
 
-@pytest.mark.parametrize("kernel, occurrence", [
-    ("kda_decode", 0), ("kda_chunk_ut", 0), ("kda_chunk_state", 0), ("kda_chunk_state", 1), ("kda_chunk_state", 2)])
-def test_metal_planted_missing_barrier_is_caught(kernel, occurrence):
-    """Every barrier in every kernel is needed, and its absence shows deterministically."""
-    assert metal.SOURCES[kernel].body.count(BARRIER) == {"kda_decode": 1, "kda_chunk_ut": 1, "kda_chunk_state": 3}[
+@pytest.mark.parametrize("old, new", [
+    ("acc[s] += x * static_cast<float>(conv_w[ch * K + j])", "acc[s] += x * static_cast<float>(conv_w[ch * K + K - 1 - j])"),
+    ("i < K - 1 ? static_cast<float>(wv", "i < K - 2 ? static_cast<float>(wv"),
+    ("no / float(Dv)", "no / float(Dk + 1)"),
+    ("/ (1.0f + exp(-gt))", "/ (1.0f + exp(gt))"),
+    ("const int src = T + i;", "const int src = T + i - 1;"),
+])
+def test_metal_layer_planted_bugs_are_caught(old, new):
+    """The Layer variant's own parts: conv taps, the v window, the norm, the gate, the new windows."""
+    assert_caught(planted("kda_decode", old, new), "kda_decode", "layer")
+
+
+@pytest.mark.parametrize("kernel, occurrence, route", [
+    ("kda_decode", 0, ""), ("kda_decode", 0, "layer"), ("kda_decode", 1, "layer"), ("kda_chunk_ut", 0, ""),
+    ("kda_chunk_state", 0, ""), ("kda_chunk_state", 1, ""), ("kda_chunk_state", 2, "")])
+def test_metal_planted_missing_barrier_is_caught(kernel, occurrence, route):
+    """Every barrier in every kernel is needed, and its absence shows deterministically (the
+    second of kda_decode is the Layer variant's, before the output norm)."""
+    assert metal.SOURCES[kernel].body.count(BARRIER) == {"kda_decode": 2, "kda_chunk_ut": 1, "kda_chunk_state": 3}[
         kernel], "a barrier was added or removed: update this test's list"
-    assert_caught(planted(kernel, BARRIER, "", occurrence, schedule="reverse"), kernel)
+    assert_caught(planted(kernel, BARRIER, "", occurrence, schedule="reverse"), kernel, route)
 
 
 # --- kda_metal: modes, self-check, fallback -------------------------------------------------
@@ -219,19 +272,18 @@ def test_metal_api_runs_kernels_after_self_check(emulated):
         assert metal.metal_ready(H, 32, 32)
         check(metal.kda_metal(*inputs(1, 32, 32)), (1, 32, 32))
         check(metal.kda_metal(*inputs(65, 32, 32)), (65, 32, 32))
-    assert metal._checked == {(H, 32, 32, mx.float32, mx.float32): None}
+    assert metal._checked == {("emulator", H, 32, 32, mx.float32, mx.float32): None}
 
 
 def test_metal_api_falls_back_once_when_self_check_fails(emulated):
     emulated(planted("kda_decode", "- kv * rk", "+ kv * rk"))
-    with pytest.warns(RuntimeWarning, match="self-check failed: kda_metal output differs"):
+    with pytest.warns(RuntimeWarning, match="self-check failed on emulator: kda_metal output differs"):
         out = metal.kda_metal(*inputs(5, 32, 32))
     check(out, (5, 32, 32))  # the ops path's answer
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per process, checked once
         assert not metal.metal_ready(H, 32, 32)
-        qr, kr, v, f, b, A_log, dt_bias, state = raw_inputs(5, 32, 32)
-        check(metal.kda_metal_step(qr, kr, v, f, b, A_log, dt_bias, state), (5, 32, 32))
+        check(metal.kda_metal(*inputs(65, 32, 32)), (65, 32, 32))
 
 
 def test_metal_api_mode_metal_raises_instead_of_falling_back(emulated):
@@ -257,16 +309,17 @@ def test_metal_api_mode_ops_never_builds_kernels(emulated, monkeypatch):
         metal.set_kernel_mode("fast")
 
 
-def test_metal_api_without_metal_uses_ops(monkeypatch):
-    """This machine as it is (no Metal): auto warns once and runs the ops path; metal raises."""
+def test_metal_api_on_the_cpu_device_uses_ops(monkeypatch):
+    """This machine as it is (the default device is the CPU): auto warns once and runs the ops
+    path; mode metal raises. The kernels are picked by the default device, not by what exists."""
     monkeypatch.delenv(metal.ENV_VAR, raising=False)
     metal._use_backend(None)
-    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    assert mx.default_device() == mx.cpu and metal.gpu_backend() is None
     try:
-        with pytest.warns(RuntimeWarning, match="Metal is not available"):
+        with pytest.warns(RuntimeWarning, match="default device is the CPU"):
             check(metal.kda_metal(*inputs(5, 32, 32)), (5, 32, 32))
         metal.set_kernel_mode("metal")
-        with pytest.raises(RuntimeError, match="Metal is not available"):
+        with pytest.raises(RuntimeError, match="default device is the CPU"):
             metal.kda_metal(*inputs(5, 32, 32))
     finally:
         metal.set_kernel_mode(None)

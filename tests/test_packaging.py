@@ -42,7 +42,7 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_wheel_has_kernels_demo_model_cli_and_converter(installed):
-    for name in ("kda_decode.metal", "kda_chunk.metal"):
+    for name in ("kda_decode.metal", "kda_chunk.metal", "cuda_compat.h"):
         assert (installed / "kimi_mlx" / "metal" / name).read_bytes() == (ROOT / "metal" / name).read_bytes()
     demo = ROOT / "kimi_mlx" / "demo" / "model"
     assert sorted(p.name for p in (installed / "kimi_mlx" / "demo" / "model").iterdir()) == sorted(

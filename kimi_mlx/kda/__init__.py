@@ -15,14 +15,15 @@ Per token t, with S = state:
     S   = S + beta_t (v_t - kv) k_t^T  delta-rule write
     o_t = S q_t                        sum over Dk -> [Dv]
 
-Every path returns (o [B, T, H, Dv] in v.dtype, new state [B, H, Dv, Dk] float32) and does all
+`kda_decode_layer` is the layer's whole decode step around the recurrence (conv, prologue,
+output norm and gate), one kernel on a GPU. Every path returns (o [B, T, H, Dv] in v.dtype, new state [B, H, Dv, Dk] float32) and does all
 internal math in float32. `kda_naive` (one token at a time) is the truth the others are
 tested against; `kda_update` picks a path (see dispatch.py).
 """
 
 from .chunked import kda_chunked
-from .dispatch import KDA_PATHS, get_kda_path, kda_update, set_kda_path
-from .metal import kda_metal, kda_metal_step, set_kernel_mode
+from .dispatch import KDA_PATHS, get_kda_path, kda_update, layer_kernel_ready, set_kda_path
+from .metal import kda_decode_layer, kda_metal, set_kernel_mode
 from .mx_fast import kda_mx_fast
 from .naive import kda_naive, kda_step
 
@@ -30,12 +31,13 @@ __all__ = [
     "KDA_PATHS",
     "get_kda_path",
     "kda_chunked",
+    "kda_decode_layer",
     "kda_metal",
-    "kda_metal_step",
     "kda_mx_fast",
     "kda_naive",
     "kda_step",
     "kda_update",
+    "layer_kernel_ready",
     "set_kda_path",
     "set_kernel_mode",
 ]

@@ -8,7 +8,7 @@ from ..switch import PathSwitch, UnknownChoiceError
 
 from .chunked import kda_chunked
 from .metal import ENV_VAR as KERNEL_ENV_VAR
-from .metal import get_kernel_mode, kda_metal, metal_ready
+from .metal import get_kernel_mode, gpu_backend, kda_metal, layer_ready, metal_ready
 from .mx_fast import kda_mx_fast
 from .naive import kda_naive
 
@@ -19,7 +19,7 @@ _PATHS = {
     "naive": kda_naive,
     "chunked": kda_chunked,
     "mx_fast": kda_mx_fast,
-    "metal": kda_metal,  # our kernels (metal/*.metal); falls back to ops off Metal or if unverified
+    "metal": kda_metal,  # our kernels (metal/*.metal) on either GPU; the ops path on the CPU or if unverified
 }
 KDA_PATHS = tuple(_PATHS)
 
@@ -30,6 +30,10 @@ KDA_PATHS = tuple(_PATHS)
 # Below that, mx.fast's per-token loop beats padding to a whole chunk.
 CPU_CHUNKED_MIN_T = 32
 GPU_CHUNKED_MIN_T = 32  # off Metal; not measured finely: one chunk is 64 tokens, padded
+# Longest T for which auto takes our kernels (kda_metal), per GPU backend (None: every T). Metal:
+# every T, as since the kernels were written (no Mac measurement says otherwise). CUDA: decode
+# only until bench/gpu/check_kernels_mlx.py has timed the prefill routes on the H200.
+KERNEL_MAX_T = {"metal": None, "cuda": 1}
 
 _switch = PathSwitch("KDA path", ENV_VAR, KDA_PATHS)
 
@@ -44,11 +48,13 @@ def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
     if mx.default_device() == mx.cpu:
         return "chunked" if seq_len >= CPU_CHUNKED_MIN_T else "mx_fast"
     # A GPU. Our kernels once their one-time self-check against kda_naive passed for this shape
-    # (metal_ready is False off Metal, in KIMI_MLX_KERNELS=ops mode, and after one warning when
-    # the kernels cannot be used).
-    if shape is not None and metal_ready(*shape):
+    # (metal_ready is False in KIMI_MLX_KERNELS=ops mode, and after one warning when the kernels
+    # cannot be used), up to the backend's KERNEL_MAX_T.
+    backend = gpu_backend()
+    limit = KERNEL_MAX_T.get(backend, 1)
+    if shape is not None and (limit is None or seq_len <= limit) and metal_ready(*shape):
         return "metal"
-    if mx.metal.is_available():
+    if backend == "metal":
         return "mx_fast"  # MLX's fused Metal kernel for every T (what the kernels fall back to)
     # Other GPUs (MLX's CUDA backend): prefill in chunks, measured on the H200 (bench/bench_gpu.py:
     # 1.2k tok/s, 2.6-3.5x mlx-lm's per-token loop). One token (decode): the naive step, which the
@@ -63,7 +69,7 @@ def get_kda_path(seq_len: int | None = None, shape: tuple | None = None) -> str:
     """The path kda_update uses for `seq_len` tokens when no `path` argument is given.
 
     With seq_len None: the forced path (set_kda_path, then the env var), or "auto".
-    shape = (H, Dk, Dv, q dtype, v dtype) lets auto choose the Metal kernels.
+    shape = (H, Dk, Dv, q dtype, v dtype) lets auto choose our kernels (on a GPU).
     """
     if (forced := _switch.forced()) is not None:
         if forced == "metal" and get_kernel_mode() == "ops":
@@ -82,3 +88,11 @@ def kda_update(q, k, v, g, beta, state=None, path: str | None = None):
     shape = (H, Dk, v.shape[-1], q.dtype, v.dtype)
     name = _switch.check(path, "path argument") if path is not None else get_kda_path(T, shape)
     return _PATHS[name](q, k, v, g, beta, state)
+
+
+def layer_kernel_ready(H: int, Dk: int, Dv: int, K: int, dtype) -> bool:
+    """True when a KDA layer's one-token step runs as ONE kernel (kda_decode_layer): the KDA
+    path for one token is our kernels ("metal", forced or chosen by auto) and the Layer kernel
+    passed its self-check for these sizes and activation dtype. The checks evaluate arrays once
+    per configuration: call this outside mx.compile traces first (decode.decode_layer does)."""
+    return get_kda_path(1, (H, Dk, Dv, mx.float32, dtype)) == "metal" and layer_ready(H, Dk, Dv, K, dtype)
