@@ -135,14 +135,10 @@ class KimiDeltaAttention(nn.Module):
         return layer_kernel_ready(self.num_heads, self.head_dim, self.head_dim, self.q_conv.kernel_size, dtype)
 
     def conv_weight(self) -> mx.array:
-        """The three convs' weights stacked, [3 H D, K, 1] (q, k, v channels), made once per set
-        of weights (a new load replaces the arrays, and then this)."""
-        ws = [self.q_conv.conv.weight, self.k_conv.conv.weight, self.v_conv.conv.weight]
-        ids, fused = self.__dict__.get("_conv_stack", (None, None))
-        if ids != tuple(map(id, ws)):
-            fused = mx.concatenate(ws, axis=0)
-            self.__dict__["_conv_stack"] = (tuple(map(id, ws)), fused)  # not a parameter
-        return fused
+        """The three convs' weights stacked, [3 H D, K, 1] (q, k, v channels). Made per call (one
+        small copy; the compiled decode step passes its own stacked buffer instead): a cached
+        array made inside an mx.compile trace would outlive the trace."""
+        return mx.concatenate([self.q_conv.conv.weight, self.k_conv.conv.weight, self.v_conv.conv.weight], axis=0)
 
     def kernel_step(self, x: mx.array, proj: tuple[mx.array, ...], cache: KDACache,
                     qkv: mx.array | None = None, conv_w: mx.array | None = None) -> mx.array:

@@ -168,6 +168,12 @@ prologue_ops = prologue
 _DTYPE_TAGS = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16", mx.int32: "i32"}
 
 
+def _unused(dtype) -> mx.array:
+    """A 1-element array for a kernel input the variant never reads: made from data (a leaf, no
+    fill kernel per call, also inside an mx.compile trace)."""
+    return mx.array([0], dtype)
+
+
 def _dtype_tag(inputs) -> str:
     return "".join(_DTYPE_TAGS.get(x.dtype, "x") for x in inputs)
 
@@ -202,7 +208,7 @@ class MetalKDA:
         B, T, H, Dk = k.shape
         Dv = v.shape[-1]
         fused = A_log is not None
-        one = mx.zeros((1,), mx.float32)  # stands for every buffer this variant never reads
+        one = _unused(mx.float32)  # stands for every buffer this variant never reads
         y, state, *_ = self._run(
             "kda_decode",
             [q, k, v, g, beta, A_log if fused else one, dt_bias if fused else one, state, mx.array([T], mx.int32),
@@ -224,7 +230,7 @@ class MetalKDA:
         state = mx.zeros((B, H, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
         y, state, wq, wk, wv = self._run(
             "kda_decode",
-            [qkv, mx.zeros((1,), dt), mx.zeros((1,), dt), f, b, A_log.reshape(H), dt_bias.reshape(H * Dk), state,
+            [qkv, _unused(dt), _unused(dt), f, b, A_log.reshape(H), dt_bias.reshape(H * Dk), state,
              mx.array([T], mx.int32), conv_w.reshape(W, K), *windows, gate, norm_w, mx.array([eps], mx.float32)],
             template=[("InT", dt), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv), ("K", K),
                       ("Fused", False), ("Layer", True), ("Threads", 4 * Dv), ("Rows", Dv)],
