@@ -151,7 +151,7 @@ def test_instance_names_separate_input_dtypes(monkeypatch):
     signature but no template argument, so it must change the name."""
     rec = Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", rec)
-    kern = metal.MetalKDA(metal.cuda_kernel, header_prefix=metal.CUDA_COMPAT)
+    kern = metal.MetalKDA(metal.cuda_kernel, backend="cuda")
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((1, 2, 2, 32)).astype(np.float32)) for _ in range(3))
     g, beta, s = -mx.abs(q), mx.full((1, 2, 2), 0.5), mx.zeros((1, 2, 32, 32))

@@ -333,3 +333,19 @@ def test_metal_unsupported_head_dims_use_ops(emulated):
         q, k, v, g, beta, _ = inputs(3, 32, 32)
         o, _ = metal.kda_metal(q, k, v[..., :16], g, beta)
     assert o.shape == (B, 3, H, 16)
+
+
+def test_metal_prefill_route_follows_the_backends_setting(emulated, monkeypatch):
+    """kda_metal for T > 1 takes PREFILL_ROUTE of its backend: the chunk kernels when set so
+    (self-checked through that route too), kda_decode otherwise."""
+    routes = []
+    for name in ("decode", "prefill"):
+        fn = getattr(MetalKDA, name)
+        monkeypatch.setattr(MetalKDA, name, lambda self, *a, _n=name, _f=fn: (routes.append(_n), _f(self, *a))[1])
+    monkeypatch.setitem(metal.PREFILL_ROUTE, "emulator", "chunk")
+    emulated(MetalKDA(emulate.kernel_factory("free"), backend="emulator"))
+    check(metal.kda_metal(*inputs(130, 32, 32)), (130, 32, 32))
+    assert routes and set(routes) == {"prefill"}  # the self-check (T=3, 69) took that route too
+    monkeypatch.setitem(metal.PREFILL_ROUTE, "emulator", "decode")
+    check(metal.kda_metal(*inputs(130, 32, 32)), (130, 32, 32))
+    assert routes[-1] == "decode"

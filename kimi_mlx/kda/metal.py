@@ -29,7 +29,7 @@ Which parts are kernels, and why:
       - `kda_chunk_state`: the pass that carries the fp32 state from chunk to chunk, the state
         in threadgroup memory. In MLX ops it is a Python loop of 7 ops per chunk that streams
         the 2 MB state through memory 5 times per chunk (bench/bench_kda_roofline.py).
-Which route kda_metal runs for T tokens: PREFILL_ROUTE (see there; measured by
+Which route kda_metal runs for T > 1 tokens: PREFILL_ROUTE per backend (see there; measured by
 bench/gpu/check_kernels_mlx.py). Every route that can run is self-checked.
 Every kernel is run in the test suite on the CPU (tests/metal_emu) against kda_naive. On a GPU,
 each kernel configuration is checked once per process against kda_naive (the layer step against
@@ -76,11 +76,12 @@ _switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for che
 CHUNK = 64  # chunk length of the prefill form
 SEGMENT = 64 * CHUNK  # prefill tokens per round of chunk kernels: bounds the per-chunk buffers
 DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: template args of both kernels
-# Which kernels kda_metal runs for T > 1: "decode" (kda_decode, T sequential steps in one
-# launch) or "chunk" (kda_chunk_ut + kda_chunk_state around MLX matmuls). Decided by
-# bench/gpu/check_kernels_mlx.py (prefill 4k on the H200); until then the recurrent kernel, the
-# route Metal has always run.
-PREFILL_ROUTE = "decode"
+# Which kernels kda_metal runs for T > 1, per backend: "decode" (kda_decode, T sequential steps
+# in one launch) or "chunk" (kda_chunk_ut + kda_chunk_state around MLX matmuls). Metal: the
+# recurrent kernel it has always run (no Mac measurement says otherwise). CUDA: decided by
+# bench/gpu/check_kernels_mlx.py (prefill 4k on the H200); whether auto takes the kernels for
+# T > 1 at all is dispatch.KERNEL_MAX_T.
+PREFILL_ROUTE = {"metal": "decode", "cuda": "decode"}
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
 # order (and may compile with fast math); the bugs planted in the tests are off by >= 5e-2.
 CHECK_TOL = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 2e-2}
@@ -188,10 +189,12 @@ class MetalKDA:
     backend also on disk, across processes and versions of this package), while input dtypes
     change the generated signature."""
 
-    def __init__(self, factory=None, sources: dict[str, KernelSource] | None = None, header_prefix: str = ""):
+    def __init__(self, factory=None, sources: dict[str, KernelSource] | None = None, backend: str = "metal"):
         self.factory = factory or mx.fast.metal_kernel
         self.sources = sources or SOURCES
-        self.header_prefix = header_prefix  # what the factory puts before the header (for the digest)
+        self.backend = backend  # "metal", "cuda", or e.g. "emulator" (tests): picks PREFILL_ROUTE
+        # What the factory puts before the header, part of the digest.
+        self.header_prefix = CUDA_COMPAT if backend == "cuda" else ""
         self._kernels: dict[tuple, object] = {}
 
     def _run(self, name: str, inputs: list, **launch):
@@ -293,7 +296,7 @@ class MetalKDA:
         state = mx.zeros((B, H, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
         if T == 0:
             return mx.zeros((B, 0, H, Dv), dtype=v.dtype), state
-        if T > 1 and PREFILL_ROUTE == "chunk":
+        if T > 1 and PREFILL_ROUTE.get(self.backend, "decode") == "chunk":
             return self.prefill(q, k, v, g, beta, state)
         return self.decode(q, k, v, g, beta, state)
 
@@ -403,7 +406,7 @@ def _current() -> tuple[str | None, MetalKDA | None]:
     if name is None or _SOURCE_ERROR or (name == "cuda" and CUDA_COMPAT is None):
         return name, None
     if name not in _backends:
-        _backends[name] = MetalKDA(kernel_factory(name), header_prefix=CUDA_COMPAT if name == "cuda" else "")
+        _backends[name] = MetalKDA(kernel_factory(name), backend=name)
     return name, _backends[name]
 
 
