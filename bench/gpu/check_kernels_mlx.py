@@ -15,7 +15,8 @@ Sections (each prints as it finishes; the table is printed last, JSON + log unde
            real model, 1k-token planted state), B=1 and 8: ops path (KIMI_MLX_KERNELS=ops, auto's
            KDA path for one token) against the Layer kernel, eager and compiled (decode.py), with
            graph nodes / kernel nodes of the eager step (mx.export_to_dot).
-  prefill  the KDA recurrence over 4096 tokens (B=1): chunked ops (today's CUDA route) against
+  prefill  the KDA recurrence over 512 (the model's prefill step), 2048 and 4096 tokens (B=1,
+           bf16 q/k/v): chunked ops (today's CUDA route) against
            the two kernel routes: kda_decode over T (recurrent) and the chunk kernels
            (kda_chunk_ut + kda_chunk_state around MLX matmuls). Decides PREFILL_ROUTE /
            KERNEL_MAX_T (kimi_mlx/kda/metal.py, dispatch.py).
@@ -247,11 +248,12 @@ def section_layer(res, H, D, hidden, inter, batches, repeats, emulator: bool):
     res["layer"] = rows
 
 
-def section_prefill(res, H, D, T, repeats):
+def section_prefill(res, H, D, sizes, repeats):
     kern = metal._current()[1]
     rng = np.random.default_rng(1)
     rows = []
-    for dtype in (mx.bfloat16,):
+    for T in sizes:
+        dtype = mx.bfloat16
         args = recurrence_inputs(rng, 1, T, H, D, dtype)
         mx.eval(args)
         ref = kda_chunked(*args)
@@ -321,7 +323,7 @@ def print_table(res) -> None:
         else:
             nodes = f"{r['graph_nodes']} ({r['kernel_nodes']})" if "graph_nodes" in r else ""
             say(f"| {'kernel' if r['kernel'] else 'ops'} | {r['B']} | {r['path']} | {r['ms']:.3f} | {nodes} |")
-    say("| prefill (KDA only, B=1) | T | ms | tok/s | rel err vs chunked |")
+    say("| prefill (KDA only, one layer, B=1) | T | ms | tok/s | rel err vs chunked |")
     say("| --- | --- | --- | --- | --- |")
     for r in res.get("prefill", []):
         if "error" in r:
@@ -372,7 +374,7 @@ def main() -> None:
     plan = [("check", lambda: section_check(res, H, D, (1, 2) if tiny else (1, 8), a.emulator), 20),
             ("layer", lambda: section_layer(res, H, D, hidden, inter, (1, 2) if tiny else (1, 8), 3 if tiny else 20,
                                             a.emulator), 20),
-            ("prefill", lambda: section_prefill(res, H, D, 200 if tiny else 4096, 2 if tiny else 3), 15),
+            ("prefill", lambda: section_prefill(res, H, D, (200,) if tiny else (512, 2048, 4096), 2 if tiny else 3), 15),
             ("model", lambda: section_model(res, deadline, tiny), 60)]
     for name, fn, need in plan:
         if name not in sections:
