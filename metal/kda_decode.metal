@@ -1,27 +1,25 @@
 // kda_decode.metal: the KDA recurrence token after token, the fp32 state held in registers.
-// Its main use is decode (T = 1). Three variants, by the template flags Fused and Layer:
-//   plain  the recurrence on prepared inputs (normalised q, k; log-space g; beta)
-//   Fused  also the layer's per-token prologue: q/k L2 norm, q scale, forget gate from f, beta
-//          from its logit (what kimi_mlx/kda/prologue.py computes in MLX ops)
-//   Layer  Fused, plus the three short convs + SiLU on the raw q/k/v projections (their windows
-//          read and the new ones written) and the output RMSNorm times sigmoid(gate): one kernel
-//          from the projections to what o_proj reads (kimi_mlx/kda_layer.py's math)
+// Its main use is decode (T = 1). Two variants, by the template flag Layer:
+//   plain  the recurrence on prepared inputs (normalised q, k; log-space g; beta): kda_metal
+//   Layer  a KDA layer's step from its projections to what o_proj reads (kimi_mlx/kda_layer.py's
+//          math, kimi_mlx/kda/prologue.py's decode_layer_ops in MLX ops): the three short convs
+//          + SiLU (their windows read, the new ones written), q/k L2 norm, q scale, forget gate
+//          from f, beta from its logit, the recurrence, then RMSNorm(o) times sigmoid(gate)
 // The same body runs as Metal (mx.fast.metal_kernel) and as CUDA (mx.fast.cuda_kernel, with
 // metal/cuda_compat.h before this header), and on the CPU emulator in tests.
 //
-// Buffers (B batch, T tokens, H heads, C = H Dk, Cv = H Dv, K conv width; H, Dk, Dv, K, Fused,
-// Layer are template parameters; a buffer a variant does not read is any 1-element array):
-//   q, k      [B, T, H, Dk]  any float. Fused: raw (after conv + SiLU); normalised here
-//                            (x / sqrt(sum x^2 + 1e-6)) and q scaled by Dk^-0.5.
-//                            Plain: already normalised and scaled.
+// Buffers (B batch, T tokens, H heads, C = H Dk, Cv = H Dv, K conv width; H, Dk, Dv, K, Layer
+// are template parameters; a buffer a variant does not read is any 1-element array):
+//   q, k      [B, T, H, Dk]  any float. Plain: normalised, q scaled by Dk^-0.5.
 //                            Layer: q is the raw projections [q | k | v] side by side
-//                            [B, T, 2C + Cv] (before the conv); k unused.
+//                            [B, T, 2C + Cv] (before the conv); k unused. After the conv, q and
+//                            k are normalised here (x / sqrt(sum x^2 + 1e-6)), q times Dk^-0.5.
 //   v         [B, T, H, Dv]  any float (Layer: unused, v is in q)
-//   g         [B, T, H, Dk]  Fused, Layer: f, the gate pre-activation before dt_bias.
+//   g         [B, T, H, Dk]  Layer: f, the gate pre-activation before dt_bias.
 //                            Plain: the log-space gate (<= 0), per channel.
-//   beta      [B, T, H]      Fused, Layer: the logit b, beta = sigmoid(b). Plain: beta in (0, 1).
-//   A_log     [H]            Fused, Layer: g = -exp(A_log[h]) * softplus(f + dt_bias)
-//   dt_bias   [H * Dk]       Fused, Layer
+//   beta      [B, T, H]      Layer: the logit b, beta = sigmoid(b). Plain: beta in (0, 1).
+//   A_log     [H]            Layer: g = -exp(A_log[h]) * softplus(f + dt_bias)
+//   dt_bias   [H * Dk]       Layer
 //   state_in  [B, H, Dv, Dk] float32, Dk contiguous (kimi_mlx.kda layout)
 //   sizes     [1] int32      T (an array, not a scalar: MLX passes 0-d inputs by reference in
 //                            Metal and by pointer in CUDA; a 1-element array is a pointer in both)
@@ -65,7 +63,6 @@ KDA_FUNC float kda_silu(float x) {
 }
 
 // @kernel kda_decode(q, k, v, g, beta, A_log, dt_bias, state_in, sizes, conv_w, wq, wk, wv, gate, norm_w, norm_eps) -> (y, state_out, wq_out, wk_out, wv_out)
-  constexpr bool Pro = Fused || Layer;          // the prologue runs in the kernel
   constexpr int NSG = Threads / 32;
   constexpr int NC = Dk / 4;                    // state channels per lane
   constexpr int C = H * Dk, Cv = H * Dv, Wd = 2 * C + Cv;  // Layer: widths of q (or k), v, q|k|v
@@ -81,14 +78,14 @@ KDA_FUNC float kda_silu(float x) {
   threadgroup float sq[2][Dk];
   threadgroup float sk[2][Dk];
   threadgroup float sa[2][Dk];
-  threadgroup float sred[2][NSG][3];            // per-SIMD-group sums: q^2, k^2 (Pro), o^2 (Layer)
+  threadgroup float sred[2][NSG][3];            // per-SIMD-group sums (Layer): q^2, k^2, o^2
 
   float S[NC];
   const long row0 = ((long)(b * H + h) * Dv + dv) * Dk;
   for (int i = 0; i < NC; ++i) {
     S[i] = static_cast<float>(state_in[row0 + 4 * i + part]);
   }
-  const float neg_A = Pro ? -exp(static_cast<float>(A_log[h])) : 0.0f;
+  const float neg_A = Layer ? -exp(static_cast<float>(A_log[h])) : 0.0f;
 
   for (int t = 0; t < T; ++t) {
     const int p = t & 1;
@@ -115,7 +112,7 @@ KDA_FUNC float kda_silu(float x) {
         kc = static_cast<float>(k[tok * Dk + c]);
       }
       float gc = static_cast<float>(g[tok * Dk + c]);
-      if (Pro) {
+      if (Layer) {
         gc = neg_A * kda_softplus(gc + static_cast<float>(dt_bias[h * Dk + c]));
         ssq += qc * qc;
         ssk += kc * kc;
@@ -124,7 +121,7 @@ KDA_FUNC float kda_silu(float x) {
       sk[p][c] = kc;
       sa[p][c] = exp(gc);
     }
-    if (Pro) {
+    if (Layer) {
       ssq = simd_sum(ssq);
       ssk = simd_sum(ssk);
       if (thread_index_in_simdgroup == 0) {
@@ -135,7 +132,7 @@ KDA_FUNC float kda_silu(float x) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     float rq = 1.0f, rk = 1.0f, bt = static_cast<float>(beta[tok]);
-    if (Pro) {
+    if (Layer) {
       float nq = 0.0f, nk = 0.0f;
       for (int s = 0; s < NSG; ++s) {
         nq += sred[p][s][0];

@@ -180,16 +180,16 @@ def test_every_metal_name_the_bodies_use_is_mapped():
 
 def _configs():
     f32, bf, i32 = mx.float32, mx.bfloat16, mx.int32
-    dec = lambda fused, layer, dt, thr, rows: [  # noqa: E731
-        ("InT", dt), ("StT", f32), ("H", 32), ("Dk", 128), ("Dv", 128), ("K", 4 if layer else 1), ("Fused", fused),
-        ("Layer", layer), ("Threads", thr), ("Rows", rows)]
+    dec = lambda layer, dt, thr, rows: [  # noqa: E731
+        ("InT", dt), ("StT", f32), ("H", 32), ("Dk", 128), ("Dv", 128), ("K", 4 if layer else 1), ("Layer", layer),
+        ("Threads", thr), ("Rows", rows)]
     return {
         "kda_decode plain bf16": ("kda_decode", [bf] * 3 + [f32] * 5 + [i32] + [f32] * 7, [bf, f32, bf, bf, bf],
-                                  dec(False, False, bf, metal.DECODE_THREADS, metal.DECODE_ROWS)),
-        "kda_decode fused f32": ("kda_decode", [f32] * 8 + [i32] + [f32] * 7, [f32] * 5,
-                                 dec(True, False, f32, metal.DECODE_THREADS, metal.DECODE_ROWS)),
+                                  dec(False, bf, metal.DECODE_THREADS, metal.DECODE_ROWS)),
+        "kda_decode plain f32": ("kda_decode", [f32] * 8 + [i32] + [f32] * 7, [f32] * 5,
+                                 dec(False, f32, metal.DECODE_THREADS, metal.DECODE_ROWS)),
         "kda_decode layer bf16": ("kda_decode", [bf] * 5 + [f32] * 3 + [i32] + [bf] * 6 + [f32], [bf, f32, bf, bf, bf],
-                                  dec(False, True, bf, 512, 128)),
+                                  dec(True, bf, 512, 128)),
         "kda_chunk_ut": ("kda_chunk_ut", [f32] * 3, [f32], [("C", 64), ("W", 256)]),
         "kda_chunk_state": ("kda_chunk_state", [f32] * 6 + [i32], [f32] * 3,
                             [("C", 64), ("Dk", 128), ("Dv", 128), ("Threads", 128), ("Rows", 32)]),

@@ -163,7 +163,7 @@ def supports(Dk: int, Dv: int) -> bool:
     return Dk % 4 == 0 and Dv % 32 == 0 and 4 <= Dk <= 128 and Dv <= 256
 
 
-# The layer's per-token prologue in MLX ops (what the Fused and Layer kda_decode compute): one definition.
+# The layer's per-token prologue in MLX ops (what the Layer kda_decode computes): one definition.
 prologue_ops = prologue
 
 _DTYPE_TAGS = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16", mx.int32: "i32"}
@@ -206,18 +206,16 @@ class MetalKDA:
                                               output_names=list(s.output_names), source=s.body, header=s.header)
         return self._kernels[key](inputs=inputs, **launch)
 
-    def decode(self, q, k, v, g, beta, state, A_log=None, dt_bias=None):
-        """kda_decode over T tokens; Fused when A_log is given (then q, k raw, g = f, beta = logit)."""
+    def decode(self, q, k, v, g, beta, state):
+        """kda_decode over T tokens (the plain variant): kda_metal's recurrent route."""
         B, T, H, Dk = k.shape
         Dv = v.shape[-1]
-        fused = A_log is not None
         one = _unused(mx.float32)  # stands for every buffer this variant never reads
         y, state, *_ = self._run(
             "kda_decode",
-            [q, k, v, g, beta, A_log if fused else one, dt_bias if fused else one, state, mx.array([T], mx.int32),
-             one, one, one, one, one, one, one],
+            [q, k, v, g, beta, one, one, state, mx.array([T], mx.int32), one, one, one, one, one, one, one],
             template=[("InT", v.dtype), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv), ("K", 1),
-                      ("Fused", fused), ("Layer", False), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
+                      ("Layer", False), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
             grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H),
             threadgroup=(DECODE_THREADS, 1, 1),
             output_shapes=[(B, T, H, Dv), (B, H, Dv, Dk), (1,), (1,), (1,)],
@@ -236,7 +234,7 @@ class MetalKDA:
             [qkv, _unused(dt), _unused(dt), f, b, A_log.reshape(H), dt_bias.reshape(H * Dk), state,
              mx.array([T], mx.int32), conv_w.reshape(W, K), *windows, gate, norm_w, mx.array([eps], mx.float32)],
             template=[("InT", dt), ("StT", mx.float32), ("H", H), ("Dk", Dk), ("Dv", Dv), ("K", K),
-                      ("Fused", False), ("Layer", True), ("Threads", 4 * Dv), ("Rows", Dv)],
+                      ("Layer", True), ("Threads", 4 * Dv), ("Rows", Dv)],
             grid=(4 * Dv, 1, B * H),
             threadgroup=(4 * Dv, 1, 1),
             output_shapes=[(B, T, H, Dv), (B, H, Dv, Dk), *(w.shape for w in windows)],
@@ -299,17 +297,6 @@ class MetalKDA:
         if T > 1 and PREFILL_ROUTE.get(self.backend, "decode") == "chunk":
             return self.prefill(q, k, v, g, beta, state)
         return self.decode(q, k, v, g, beta, state)
-
-    def step(self, q, k, v, f, b, A_log, dt_bias, state=None):
-        """The Fused kda_decode (prologue in the kernel, any T): q, k raw after conv + SiLU, f the
-        gate pre-activation, b the beta logits. For benches (bench/bench_kda_roofline.py); the
-        model's decode runs the Layer variant (`layer`)."""
-        B, T, H, Dk = k.shape
-        Dv = v.shape[-1]
-        state = mx.zeros((B, H, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
-        if T == 0:
-            return mx.zeros((B, 0, H, Dv), dtype=v.dtype), state
-        return self.decode(q, k, v, f, b, state, A_log.reshape(H), dt_bias.reshape(H * Dk))
 
     def self_check(self, H: int, Dk: int, Dv: int, qk_dtype, v_dtype) -> str | None:
         """Each kernel configuration kda_metal runs, against kda_naive on a small random input

@@ -2,7 +2,7 @@
 projections into the recurrence's inputs, and the output norm and gate.
 
 One definition, used by the layer (kimi_mlx/kda_layer.py), the compiled decode step
-(kimi_mlx/decode.py), the kernels' self-check and fallback (kimi_mlx/kda/metal.py, whose fused
+(kimi_mlx/decode.py), the kernels' self-check and fallback (kimi_mlx/kda/metal.py, whose Layer
 kda_decode computes the same in-kernel) and the benches. Math as the reference:
     q, k  L2-normalised over Dk with eps 1e-6 added to the sum of squares; q then times Dk^-0.5
     g     = -exp(A_log) * softplus(f + dt_bias)      per channel, log space, float32
