@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KDACache
-from .kda import get_kda_path, kda_update
+from .kda import get_kda_path, kda_decode_layer, kda_update
 from .kda.prologue import l2_normalize, output_gate
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
@@ -238,6 +238,59 @@ def _kda_step(layer, kernel: bool = False):
     return step
 
 
+# Where the Layer kernel sits in a compiled KDA step: inside the one trace of the layer (True),
+# or between two traces (the projections before it; o_proj, residual and MLP after it), the
+# shape of the MLA step. Measured by bench/gpu/check_kernels_mlx.py (layer section).
+KERNEL_IN_TRACE = True
+
+
+def _kda_project(layer):
+    """The KDA layer's decode step up to the Layer kernel's inputs (the split structure)."""
+    fusions = _kda_fusions(layer)
+
+    def project(x, *fused):
+        attn = layer.self_attn
+        B, T, _ = x.shape
+        h_in = layer.input_layernorm(x)
+        n0, n1 = len(fusions[0].names), len(fusions[1].names)
+        qkv = fusions[0].matmul(h_in, fused[:n0])
+        fa, ga, bx = fusions[1](h_in, fused[n0:n0 + n1])
+        f = attn.f_b_proj(fa).reshape(B, T, attn.num_heads, attn.head_dim)
+        gate = attn.g_b_proj(ga).reshape(B, T, attn.num_heads, attn.head_dim)
+        return qkv, f, bx, gate
+
+    return project
+
+
+def _kda_finish(layer):
+    """The KDA layer's decode step after the Layer kernel: o_proj, residual, MLP (split structure)."""
+    mlp_fusion = _mlp_fusion(layer)
+
+    def finish(x, y, *fused):
+        B, T, _ = x.shape
+        h = x + layer.self_attn.o_proj(y.reshape(B, T, -1))
+        return _mlp_half(layer, h, mlp_fusion, fused)
+
+    return finish
+
+
+def _kda_split(layer, x, conv, state):
+    """The compiled KDA step as project trace -> Layer kernel -> finish trace; None to go eager.
+    Returns (h, windows, state)."""
+    fusions = _kda_fusions(layer)
+    kda_arrays = _fused_arrays(fusions[:2])
+    out = _run(layer, "kda_project", x, lambda: _kda_project(layer), *kda_arrays)
+    if out is None:
+        return None
+    qkv, f, bx, gate = out
+    attn = layer.self_attn
+    y, windows, state = kda_decode_layer(qkv, conv, fusions[2].arrays()[0], f, bx, attn.A_log, attn.dt_bias, gate,
+                                         attn.o_norm.weight, attn.o_norm.eps, state)
+    fused = _fused_arrays([_mlp_fusion(layer)])
+    h = _run(layer, "kda_finish", x, lambda: _kda_finish(layer), y, *fused)
+    return (h if h is not None else _kda_finish(layer)(x, y, *fused)), windows, state
+
+
 def _mla_fusion(layer) -> FusedLinears | None:
     """The MLA layer's q and latent projections as one matmul."""
     if "_mla_fusion" not in layer.__dict__:
@@ -285,6 +338,13 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
         attn = layer.self_attn
         get_kda_path(1, (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype))
         kernel = attn.kernel_step_ready(x.dtype)
+        if kernel and not KERNEL_IN_TRACE and _kda_fusions(layer) is not None:
+            out = _kda_split(layer, x, conv, state)
+            if out is None:
+                return None
+            h, cache.conv, cache.recurrent = out
+            cache.offset += x.shape[1]
+            return h
         fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
         out = _run(layer, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
                    *fused)

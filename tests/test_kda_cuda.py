@@ -286,3 +286,23 @@ def test_compiled_step_function_with_the_kernel_matches_ops(emulated_kernels):
     h = layer.self_attn(layer.input_layernorm(x), None, c)
     assert c.offset == 1 and relative_error(c.recurrent, outs[0][-1]) < 1e-5
     assert h.shape == x.shape
+
+
+def test_compiled_decode_with_the_kernel_between_traces_matches_naive(emulated_kernels, monkeypatch):
+    """decode.KERNEL_IN_TRACE False: a KDA step is a compiled projection trace, the Layer kernel,
+    a compiled finish trace (runs on the CPU too, the kernel being outside the traces); the
+    logits match the naive recurrence's, and each KDA layer holds exactly those two traces."""
+    model = _model(32)
+    prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (2, 5), key=mx.random.key(6))
+    ref = _greedy(model, prompt, 2, "naive")
+    monkeypatch.setattr(decode_mod, "KERNEL_IN_TRACE", False)
+    decode_mod.set_decode_path("compiled")
+    try:
+        out = _greedy(model, prompt, 2, "metal")
+    finally:
+        decode_mod.set_decode_path(None)
+    for o, r in zip(out, ref):
+        assert relative_error(o, r) < 1e-4
+    kda = next(lyr for lyr in model.layers if lyr.is_kda)
+    kinds = {k[0] for k, f in kda.__dict__["_decode_fns"].items() if f is not None}
+    assert kinds == {"kda_project", "kda_finish"}

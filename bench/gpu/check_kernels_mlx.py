@@ -13,8 +13,9 @@ Sections (each prints as it finishes; the table is printed last, JSON + log unde
            Layer kernel called inside mx.compile against the same call outside it.
   layer    one KDA layer's decode step (KDA attention + dense SwiGLU MLP, 4-bit weights as the
            real model, 1k-token planted state), B=1 and 8: ops path (KIMI_MLX_KERNELS=ops, auto's
-           KDA path for one token) against the Layer kernel, eager and compiled (decode.py), with
-           graph nodes / kernel nodes of the eager step (mx.export_to_dot).
+           KDA path for one token) against the Layer kernel, eager and compiled (decode.py; the
+           kernel inside the layer's trace, and "compiled-split": between two traces,
+           decode.KERNEL_IN_TRACE False), with graph nodes / kernel nodes of the eager step.
   prefill  the KDA recurrence over 512 (the model's prefill step), 2048 and 4096 tokens (B=1,
            bf16 q/k/v): chunked ops (today's CUDA route) against
            the two kernel routes: kda_decode over T (recurrent) and the chunk kernels
@@ -216,10 +217,11 @@ def section_layer(res, H, D, hidden, inter, batches, repeats, emulator: bool):
         mx.eval(x)
         for on in (False, True):
             with kernels(on):
-                for path in ("eager", "compiled"):
-                    if path == "compiled" and emulator:
+                for path in ("eager", "compiled", "compiled-split") if on else ("eager", "compiled"):
+                    if path == "compiled" and on and emulator:
                         continue  # the emulator evaluates on the host: it cannot run inside a trace
-                    decode_mod.set_decode_path(path)
+                    decode_mod.set_decode_path(path.split("-")[0])
+                    decode_mod.KERNEL_IN_TRACE = path != "compiled-split"
                     try:
                         c = make_cache()
                         step = lambda: layer(x, None, c)  # noqa: E731  (advances c: cost does not depend on it)
@@ -234,6 +236,7 @@ def section_layer(res, H, D, hidden, inter, batches, repeats, emulator: bool):
                         say("  layer step FAILED", rows[-1])
                     finally:
                         decode_mod.set_decode_path(None)
+                        decode_mod.KERNEL_IN_TRACE = True
         # The two paths agree (same cache, same input): the ops step is the reference.
         c_ops = make_cache()
         c_k = KDACache()
