@@ -232,8 +232,11 @@ def _model(head_dim: int = 32) -> Model:
     return model
 
 
-def _greedy(model, prompt, steps: int, kda: str) -> list[mx.array]:
+def _greedy(model, prompt, steps: int, kda: str, decode: str = "eager") -> list[mx.array]:
+    """Logits of greedy decode steps; eager by default: the emulator runs on the host, so it
+    cannot sit inside a compiled trace (the default decode path on a GPU)."""
     set_kda_path(kda)
+    decode_mod.set_decode_path(decode)
     try:
         cache = model.make_cache()
         logits = model(prompt, cache=cache)[:, -1:]
@@ -245,6 +248,7 @@ def _greedy(model, prompt, steps: int, kda: str) -> list[mx.array]:
         return out
     finally:
         set_kda_path(None)
+        decode_mod.set_decode_path(None)
 
 
 def test_model_decode_through_the_layer_kernel_matches_naive(emulated_kernels, monkeypatch):
@@ -296,11 +300,7 @@ def test_compiled_decode_with_the_kernel_between_traces_matches_naive(emulated_k
     prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (2, 5), key=mx.random.key(6))
     ref = _greedy(model, prompt, 2, "naive")
     monkeypatch.setattr(decode_mod, "KERNEL_IN_TRACE", False)
-    decode_mod.set_decode_path("compiled")
-    try:
-        out = _greedy(model, prompt, 2, "metal")
-    finally:
-        decode_mod.set_decode_path(None)
+    out = _greedy(model, prompt, 2, "metal", decode="compiled")
     for o, r in zip(out, ref):
         assert relative_error(o, r) < 1e-4
     kda = next(lyr for lyr in model.layers if lyr.is_kda)
