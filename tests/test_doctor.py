@@ -16,6 +16,7 @@ from metal_emu import emulate  # noqa: E402
 
 def test_doctor_on_cpu_says_ops_paths_are_used(monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)  # the kernels follow the default device
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     out = result.stdout
