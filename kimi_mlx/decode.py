@@ -80,10 +80,19 @@ def _run(layer, kind: str, x: mx.array, build, *args):
     fn = _compiled(layer, kind, x, build)
     if fn is None:
         return None
+    key = _trace_key(kind, x)
+    traced = layer.__dict__.setdefault("_decode_traced", set())
+    # A trace that raises leaves mx.compile's placeholders in the layer (inputs=layer swaps its
+    # arrays for the trace and does not swap them back): keep the arrays to put back.
+    params = None if key in traced else layer.parameters()
     try:
-        return fn(x, *args)
+        out = fn(x, *args)
+        traced.add(key)
+        return out
     except Exception as e:  # a trace that reads the host or an op compile refuses
-        layer.__dict__["_decode_fns"][_trace_key(kind, x)] = None
+        if params is not None:
+            layer.update(params)
+        layer.__dict__["_decode_fns"][key] = None
         what = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if what not in _warned:
             _warned.add(what)
@@ -338,19 +347,23 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
         attn = layer.self_attn
         get_kda_path(1, (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype))
         kernel = attn.kernel_step_ready(x.dtype)
-        if kernel and not KERNEL_IN_TRACE and _kda_fusions(layer) is not None:
-            out = _kda_split(layer, x, conv, state)
-            if out is None:
+        split = kernel and _kda_fusions(layer) is not None  # the kernel can also sit between two traces
+        if not (split and not KERNEL_IN_TRACE):
+            fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
+            out = _run(layer, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
+                       *fused)
+            if out is not None:
+                h, *cache.conv, cache.recurrent = out
+                cache.offset += x.shape[1]
+                return h
+            if not split:
                 return None
-            h, cache.conv, cache.recurrent = out
-            cache.offset += x.shape[1]
-            return h
-        fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
-        out = _run(layer, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
-                   *fused)
+        # The kernel between a projection trace and a finish trace: by choice, or because a trace
+        # holding the kernel failed (then _run has warned once).
+        out = _kda_split(layer, x, conv, state)
         if out is None:
             return None
-        h, *cache.conv, cache.recurrent = out
+        h, cache.conv, cache.recurrent = out
         cache.offset += x.shape[1]
         return h
     if not layer.self_attn.absorbs(x.shape[1]):

@@ -306,3 +306,20 @@ def test_compiled_decode_with_the_kernel_between_traces_matches_naive(emulated_k
     kda = next(lyr for lyr in model.layers if lyr.is_kda)
     kinds = {k[0] for k, f in kda.__dict__["_decode_fns"].items() if f is not None}
     assert kinds == {"kda_project", "kda_finish"}
+
+
+def test_a_trace_that_cannot_hold_the_kernel_falls_back_to_the_split_step(emulated_kernels):
+    """If the kernel fails inside the layer's trace (here: the emulator, which runs on the host,
+    as a GPU kernel that mx.compile refused would), one warning, then the kernel between two
+    traces: still compiled, still the kernel, same logits as the naive recurrence."""
+    model = _model(32)
+    prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (1, 4), key=mx.random.key(7))
+    ref = _greedy(model, prompt, 2, "naive")
+    decode_mod._warned.clear()
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed"):
+        out = _greedy(model, prompt, 2, "metal", decode="compiled")
+    for o, r in zip(out, ref):
+        assert relative_error(o, r) < 1e-4
+    kda = next(lyr for lyr in model.layers if lyr.is_kda)
+    fns = {k[0]: f for k, f in kda.__dict__["_decode_fns"].items()}
+    assert fns["kda_kernel"] is None and fns["kda_project"] is not None and fns["kda_finish"] is not None
