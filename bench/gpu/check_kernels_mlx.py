@@ -227,6 +227,9 @@ def section_layer(res, H, D, hidden, inter, batches, repeats, emulator: bool):
                         step = lambda: layer(x, None, c)  # noqa: E731  (advances c: cost does not depend on it)
                         ms = timed(step, repeats)
                         row = {"B": B, "kernel": on, "path": path, "ms": ms}
+                        if path != "eager":  # which traces the layer holds (None: a trace that failed)
+                            row["traces"] = {k[0]: f is not None for k, f in layer.__dict__.get("_decode_fns", {}).items()
+                                             if k[1] == x.shape}
                         if path == "eager":
                             row["graph_nodes"], row["kernel_nodes"] = count_ops(layer(x, None, make_cache()))
                         rows.append(row)
@@ -316,7 +319,7 @@ def print_table(res) -> None:
         else:
             say(f"| {r['what']} | {r['B']} | {r['dtype']} | {r['o']:.2e} | {r['state']:.2e} | "
                 f"{'windows equal' if r.get('windows_equal') else ''} |")
-    say("| layer decode step | B | path | ms | graph nodes (kernels) |")
+    say("| layer decode step | B | path | ms | graph nodes (kernels), or traces held |")
     say("| --- | --- | --- | --- | --- |")
     for r in res.get("layer", []):
         if "agreement_rel_err" in r:
@@ -324,7 +327,7 @@ def print_table(res) -> None:
         elif "error" in r:
             say(f"| {'kernel' if r['kernel'] else 'ops'} | {r['B']} | {r['path']} | {r['error']} | |")
         else:
-            nodes = f"{r['graph_nodes']} ({r['kernel_nodes']})" if "graph_nodes" in r else ""
+            nodes = f"{r['graph_nodes']} ({r['kernel_nodes']})" if "graph_nodes" in r else str(r.get("traces", ""))
             say(f"| {'kernel' if r['kernel'] else 'ops'} | {r['B']} | {r['path']} | {r['ms']:.3f} | {nodes} |")
     say("| prefill (KDA only, one layer, B=1) | T | ms | tok/s | rel err vs chunked |")
     say("| --- | --- | --- | --- | --- |")
