@@ -18,8 +18,9 @@ Which parts are kernels, and why:
     rows of Dv), 4 lanes per row. Decode is launch-bound on a GPU (bench/gpu/NOTES.md: ~50
     kernels per layer per token, each a few KB); its Layer variant does a KDA layer's step from
     the raw projections in ONE kernel: the three short convs with their windows, q/k L2 norms,
-    q scale, forget gate, beta, the recurrence, the output RMSNorm and sigmoid gate (in MLX ops
-    ~20 kernels even when compiled).
+    q scale, forget gate, beta, the recurrence, the output RMSNorm and sigmoid gate (an eager
+    KDA decoder layer step: 18 kernel nodes against 103 in MLX ops, counted by
+    bench/gpu/check_kernels_mlx.py; mx.compile fuses some of the ops path's elementwise ones).
   * Prefill, the chunkwise WY/UT form of chunked.py. Its bulk is matmuls batched over every
     chunk at once (decay grams, A_qk U): MLX's matmuls are the best tool there, so they stay.
     Two pieces are sequential and become kernels:
