@@ -150,8 +150,8 @@ def report() -> str:
         f"KDA path: decode {get_kda_path(1, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))}, "
         f"prefill {get_kda_path(2048, (*REAL_SHAPE, mx.bfloat16, mx.bfloat16))} "
         "(KIMI_MLX_KDA_PATH=naive|chunked|mx_fast|metal)",
-        f"MoE experts: {get_expert_path()} (KIMI_MLX_EXPERT_PATH=gather|grouped; auto: grouped for "
-        "CPU prefill of float experts, else gather)",
+        f"MoE experts: {get_expert_path()} (KIMI_MLX_EXPERT_PATH=gather|grouped|direct; auto: grouped for "
+        "CPU prefill of float experts, else direct)",
         "ops paths:",
         *check_ops_paths(),
         *kernel_report(),

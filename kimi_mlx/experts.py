@@ -3,8 +3,13 @@
     fn(mlp: SwitchGLU, x [N, D], ids [N, k] int, weights [N, k] fp32) -> [N, D]
         = sum_j weights[:, j] * expert_{ids[:, j]}(x)          (N = tokens, k = experts per token)
 
-`experts_gather` (the reference, and what runs on Metal and for decode): mlx-lm's SwitchGLU,
-MLX's gather matmuls; it sorts rows by expert when there are many.
+`experts_gather` (the reference): mlx-lm's SwitchGLU, MLX's gather matmuls; it sorts rows by
+expert when there are many (SORT_MIN_ROWS).
+`experts_direct` (what runs by default wherever gather matmuls do: decode, GPU prefill): the same
+gather matmuls called directly. For few rows (decode) it passes the lhs indices as a constant
+array: mx.gather_qmm without them builds an Arange per call, 3 kernels per MoE layer and token
+(78 of a decode step's ~1380 at the real size; bench/count_graph.py); for many rows it is the
+reference as is.
 `experts_grouped` (prefill on the CPU): sort the N*k rows by expert, read each expert's row count
 on the host, and run one plain matmul per expert over its contiguous slice. Why: MLX's CPU
 gather_mm handles rows one by one (~30 GFLOP/s at the bench shape), while a [n, D] x [D, I]
@@ -26,7 +31,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 from .switch import PathSwitch
 
 ENV_VAR = "KIMI_MLX_EXPERT_PATH"
-EXPERT_PATHS = ("gather", "grouped")
+EXPERT_PATHS = ("gather", "grouped", "direct")
 _switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 
 # Auto takes the grouped path when the default device is the CPU, for float experts, from this
@@ -58,15 +63,72 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
     experts = mlp.gate_proj.num_experts
     if mx.default_device() == mx.cpu:
         if isinstance(mlp.gate_proj, QuantizedSwitchLinear):
-            return "gather"  # the CPU's quantized matmul is the bound either way
-        return "grouped" if rows >= CPU_GROUPED_MIN_ROWS_PER_EXPERT * experts else "gather"
-    return "gather"  # a GPU: Metal's gather_mm segments sorted rows itself; CUDA see above
+            return "direct"  # the CPU's quantized matmul is the bound either way
+        return "grouped" if rows >= CPU_GROUPED_MIN_ROWS_PER_EXPERT * experts else "direct"
+    return "direct"  # a GPU: Metal's gather_mm segments sorted rows itself; CUDA see above
 
 
 def experts_gather(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
     """Reference: SwitchGLU's gather matmuls, then the weighted sum over the k experts."""
     y = mlp(_match_weight_dtype(mlp, x), ids)  # [N, k, D]
     return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+
+
+# mlx-lm's SwitchGLU sorts the (token, expert) rows by expert from this many on; so does experts_direct.
+SORT_MIN_ROWS = 64
+_LHS_INDICES: dict[int, mx.array] = {}  # tokens N -> [N, 1] uint32 constant (0..N-1), made once
+
+
+def _lhs_indices(n: int) -> mx.array:
+    """[n, 1] uint32 0..n-1, a data array (inside mx.compile a constant, not a kernel)."""
+    if n not in _LHS_INDICES:
+        _LHS_INDICES[n] = mx.array(np.arange(n, dtype=np.uint32)[:, None])
+    return _LHS_INDICES[n]
+
+
+def experts_direct(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
+    """The reference's math with its gather matmuls called directly (see the module docstring):
+    x [N, D] -> [N, k, 1, D] expert outputs -> weighted sum [N, D]."""
+    N, D = x.shape
+    if ids.size >= SORT_MIN_ROWS or _global_scale(mlp) is not None or any(
+            "bias" in p for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        return experts_gather(mlp, x, ids, weights)
+    lhs = _lhs_indices(N)  # [N, 1]: row n of x for every expert slot of token n
+    rhs = mx.stop_gradient(ids)  # [N, k]
+    xe = _match_weight_dtype(mlp, x)[:, None, None, :]  # [N, 1, 1, D]
+
+    def linear(layer, h):  # h [N, 1|k, 1, in] -> [N, k, 1, out]
+        if isinstance(layer, QuantizedSwitchLinear):
+            return mx.gather_qmm(h, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=lhs,
+                                 rhs_indices=rhs, transpose=True, group_size=layer.group_size, bits=layer.bits,
+                                 mode=layer.mode)
+        return mx.gather_mm(h, layer["weight"].swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=rhs)
+
+    h = mlp.activation(linear(mlp.up_proj, xe), linear(mlp.gate_proj, xe))  # [N, k, 1, I]
+    # down: each slot's own row (lhs = n * k + j over the [N * k] rows of h)
+    y = _down(mlp.down_proj, h, rhs)  # [N, k, D]
+    return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+
+
+def _down(layer, h: mx.array, rhs: mx.array) -> mx.array:
+    """h [N, k, 1, I] (one row per (token, slot)) -> [N, k, D] through each slot's expert."""
+    if isinstance(layer, QuantizedSwitchLinear):
+        y = mx.gather_qmm(h, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=_slot_rows(*rhs.shape),
+                          rhs_indices=rhs, transpose=True, group_size=layer.group_size, bits=layer.bits,
+                          mode=layer.mode)
+    else:
+        y = mx.gather_mm(h, layer["weight"].swapaxes(-1, -2), lhs_indices=_slot_rows(*rhs.shape), rhs_indices=rhs)
+    return y.squeeze(-2)
+
+
+_SLOT_ROWS: dict[tuple[int, int], mx.array] = {}
+
+
+def _slot_rows(n: int, k: int) -> mx.array:
+    """[n, k] uint32 n * k + j: the row of an [n, k, 1, I] input that slot (n, j) reads."""
+    if (n, k) not in _SLOT_ROWS:
+        _SLOT_ROWS[(n, k)] = mx.array(np.arange(n * k, dtype=np.uint32).reshape(n, k))
+    return _SLOT_ROWS[(n, k)]
 
 
 def experts_grouped(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
@@ -98,7 +160,8 @@ def experts_grouped(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.arra
 def run_experts(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array, path: str | None = None) -> mx.array:
     """x [N, D], ids/weights [N, k] -> [N, D] on the chosen path."""
     name = _switch.check(path, "path argument") if path is not None else get_expert_path(mlp, ids.size)
-    return (experts_grouped if name == "grouped" else experts_gather)(mlp, x, ids, weights)
+    fn = {"grouped": experts_grouped, "direct": experts_direct}.get(name, experts_gather)
+    return fn(mlp, x, ids, weights)
 
 
 def _match_weight_dtype(mlp: SwitchGLU, x: mx.array) -> mx.array:

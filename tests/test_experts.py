@@ -1,9 +1,10 @@
-"""The two routed-expert paths (kimi_mlx/experts.py) give the same result, and the switch works.
+"""The routed-expert paths (kimi_mlx/experts.py) give the same result, and the switch works.
 
 Tolerances, relative error ||out - ref|| / ||ref|| against the gather path (the reference):
     float32   2e-6  only the summation order differs
     bfloat16  1e-2  bf16 rounding of the intermediate activations
     quantized 2e-6  the same quantized weights, read by quantized_matmul instead of gather_qmm
+The direct path runs the reference's very gather matmuls: equal to it exactly (0).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ nn = pytest.importorskip("mlx.nn")
 from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
 
 from kimi_mlx import experts  # noqa: E402
-from kimi_mlx.experts import experts_gather, experts_grouped, get_expert_path, run_experts, set_expert_path  # noqa: E402
+from kimi_mlx.experts import (  # noqa: E402
+    experts_direct, experts_gather, experts_grouped, get_expert_path, run_experts, set_expert_path)
 from kimi_mlx.moe import route  # noqa: E402
 
 TOL = {"float32": 2e-6, "bfloat16": 1e-2, "quantized": 2e-6}
@@ -95,17 +97,57 @@ def test_auto_path_on_cpu(monkeypatch):
     mlp, *_ = make_case(1)
     per_expert = experts.CPU_GROUPED_MIN_ROWS_PER_EXPERT * 16
     assert get_expert_path() == "auto"
-    assert get_expert_path(mlp, 4) == "gather"  # decode
-    assert get_expert_path(mlp, per_expert - 1) == "gather"
+    assert get_expert_path(mlp, 4) == "direct"  # decode
+    assert get_expert_path(mlp, per_expert - 1) == "direct"
     assert get_expert_path(mlp, per_expert) == "grouped"  # prefill
     nn.quantize(mlp, group_size=32, bits=4)
-    assert get_expert_path(mlp, 100 * per_expert) == "gather"  # quantized experts gain nothing
+    assert get_expert_path(mlp, 100 * per_expert) == "direct"  # quantized experts gain nothing
 
 
-def test_auto_path_on_a_gpu_is_gather(monkeypatch):
+def test_auto_path_on_a_gpu_is_direct(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     mlp, *_ = make_case(1)
-    assert get_expert_path(mlp, 10**6) == "gather"
+    assert get_expert_path(mlp, 10**6) == "direct"
+    assert get_expert_path(mlp, 8) == "direct"
+
+
+def _graph_ops(out: mx.array, tmp_path) -> list[str]:
+    path = str(tmp_path / "g.dot")
+    mx.export_to_dot(path, out)
+    return [ln.split('label ="', 1)[1].split('"', 1)[0] for ln in open(path) if "shape=rectangle" in ln]
+
+
+@pytest.mark.parametrize("n,top_k", [(1, 4), (2, 8), (5, 4), (15, 4), (16, 4)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_direct_equals_gather(n, top_k, quantized):
+    """Few rows (decode, batch decode) and many (16 x 4 = 64: sorted, the reference as is)."""
+    mlp, x, ids, w = make_case(n, top_k=top_k)
+    if quantized:
+        nn.quantize(mlp, group_size=32, bits=4)
+    ref = experts_gather(mlp, x, ids, w)
+    out = experts_direct(mlp, x, ids, w)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) == 0.0
+
+
+def test_direct_slots_read_their_own_rows():
+    """Each slot's down projection reads its own expert's activation: swapping two slots' ids
+    (not their weights) must change the result (a wrong lhs for the down projection would not)."""
+    mlp, x, ids, w = make_case(3, top_k=4)
+    swapped = mx.concatenate([ids[:, 1:2], ids[:, 0:1], ids[:, 2:]], axis=-1)
+    assert rel_err(experts_direct(mlp, x, swapped, w), experts_gather(mlp, x, ids, w)) > 1e-2
+    assert rel_err(experts_direct(mlp, x, swapped, w), experts_gather(mlp, x, swapped, w)) == 0.0
+
+
+def test_direct_builds_no_index_kernels(tmp_path):
+    """The point of the direct path: at decode its graph has no Arange (the reference builds one
+    per gather matmul, 3 per MoE layer and token) and no more nodes than the reference."""
+    mlp, x, ids, w = make_case(1, top_k=8)
+    nn.quantize(mlp, group_size=32, bits=4)
+    mx.eval(mlp.parameters())
+    ours, ref = _graph_ops(experts_direct(mlp, x, ids, w), tmp_path), _graph_ops(experts_gather(mlp, x, ids, w), tmp_path)
+    assert ref.count("Arange") == 3 and ours.count("Arange") == 0
+    assert ours.count("GatherQMM") == 3 and len(ours) < len(ref)
 
 
 def test_forcing_a_path(monkeypatch):
@@ -119,6 +161,10 @@ def test_forcing_a_path(monkeypatch):
     assert get_expert_path(mlp, 1) == "grouped"
     run_experts(mlp, x, ids, w)
     assert calls == ["grouped", "grouped"]
+    monkeypatch.setattr(experts, "experts_gather", lambda *a: calls.append("gather") or experts_grouped(*a))
+    set_expert_path("gather")  # the reference, not the direct path
+    run_experts(mlp, x, ids, w)
+    assert calls[-1] == "gather"
     set_expert_path("gather")  # the function beats the env var
     assert get_expert_path(mlp, 10**6) == "gather"
 
