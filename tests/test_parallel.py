@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -331,16 +332,6 @@ def test_chat_turn_through_mlx_launch(tmp_path, demo32):
     assert out.decode() == one.getvalue()
 
 
-def test_serve_under_mlx_launch_is_refused_in_one_line(monkeypatch):
-    """The server's batch scheduler is one process: as ranks it would hang, so it refuses."""
-    from kimi_mlx import KimiError
-    from kimi_mlx.server.serve import serve
-
-    monkeypatch.setenv("MLX_RANK", "0")
-    with pytest.raises(KimiError, match="serve does not run under mlx.launch"):
-        serve("demo")
-
-
 def test_plan_for_ranks_imports_no_model_modules():
     """`kimi-mlx plan --ranks` stays a light command (no mlx-lm / transformers import, as plan)."""
     code = ("import sys; from kimi_mlx.plan import plan_for_path\n"
@@ -349,3 +340,132 @@ def test_plan_for_ranks_imports_no_model_modules():
             "assert not heavy, heavy")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- kimi-mlx serve as ranks
+
+
+def spawn_ranks(tmp_path: Path, commands: list[list[str]], env: dict | None = None) -> list[subprocess.Popen]:
+    """Start commands[r] as rank r of a ring over localhost (as run_ranks), without waiting."""
+    ports = free_ports(len(commands))
+    hostfile = tmp_path / f"hosts-{ports[0]}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    base = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # the checkout under test, installed or not
+    return [subprocess.Popen(cmd, env={**base, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **(env or {})},
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+            for rank, cmd in enumerate(commands)]
+
+
+def http(port: int, path: str, body: dict | None = None):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data), timeout=60) as r:
+        raw = r.read()
+    return json.loads(raw) if body is not None else raw.decode()
+
+
+def wait_healthy(port: int, procs: list[subprocess.Popen], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            errs = [p.communicate()[1].decode()[-1500:] for p in procs]
+            pytest.fail(f"a rank ended before serving: {[p.returncode for p in procs]} {errs}")
+        try:
+            http(port, "/health")
+            return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail("the server did not come up before the deadline")
+
+
+def serve_session(port: int) -> list[tuple[str, dict]]:
+    """One greedy request alone; two at once (to max_tokens: they decode in the same steps); a
+    follow-up turn of the first (its prefix comes from the state cache). -> [(text, usage)]."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(messages, **kw):
+        d = http(port, "/v1/chat/completions", dict(model="demo", messages=messages, temperature=0, **kw))
+        return d["choices"][0]["message"]["content"], d["usage"]
+
+    first = [{"role": "user", "content": "Reverse: one two three four"}]
+    out = [ask(first, max_tokens=16)]
+    with ThreadPoolExecutor(2) as ex:
+        out += ex.map(lambda q: ask([{"role": "user", "content": q}], max_tokens=12, ignore_eos=True),
+                      ["Copy: red green blue", "What is 12+30?"])
+    out.append(ask(first + [{"role": "assistant", "content": out[0][0]}, {"role": "user", "content": "Count: a b c"}],
+                   max_tokens=16))
+    return out
+
+
+def one_process_session(folder: Path) -> list[tuple[str, dict]]:
+    """serve_session against the one-process server (a uvicorn thread here)."""
+    import threading
+
+    from kimi_mlx import load
+    from kimi_mlx.server.app import ServerConfig, build_app
+    from kimi_mlx.server.serve import make_engine, make_uvicorn
+
+    model, tokenizer = load(str(folder))
+    engine = make_engine(model, tokenizer, model_name="demo")
+    port = free_ports(1)[0]
+    server = make_uvicorn(engine, build_app(engine, ServerConfig(model_name="demo")), "127.0.0.1", port, "warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(port, [], time.monotonic() + 60)
+        return serve_session(port)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32):
+    """`kimi-mlx serve` as two tensor-parallel ranks: rank 0 serves HTTP and the other runs the same
+    engine steps; greedy answers (alone, two at once, a follow-up from the state cache) equal one
+    process's; SIGTERM on rank 0 ends both ranks cleanly."""
+    port = free_ports(1)[0]
+    cmd = CLI + ["serve", "-m", str(demo32), "--port", str(port)]
+    procs = spawn_ranks(tmp_path, [cmd, cmd])
+    try:
+        wait_healthy(port, procs, time.monotonic() + DEADLINE_S)
+        got = serve_session(port)
+        metrics = http(port, "/metrics")
+        procs[0].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=60) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks did not end within 60 s of SIGTERM on rank 0 (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errs = [e.decode() for _, e in outs]
+    # uvicorn re-raises the SIGTERM it caught once its graceful shutdown is done (as in test_server)
+    assert procs[0].returncode in (0, -signal.SIGTERM) and procs[1].returncode == 0, errs
+    assert "error" not in errs[0].lower() and not errs[1].strip(), errs
+    assert got == one_process_session(demo32)
+    assert got[-1][1]["prompt_tokens_details"]["cached_tokens"] > 0  # the trie hit, on both ranks alike
+    assert all(u["completion_tokens"] == 12 for _, u in got[1:3])
+    steps = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("kimi_mlx_engine_decode_steps"))
+    assert steps < sum(u["completion_tokens"] for _, u in got)  # the two at once shared decode steps
+
+
+def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32):
+    port = free_ports(1)[0]
+    cmd = CLI + ["serve", "-m", str(demo32), "--port", str(port)]
+    procs = spawn_ranks(tmp_path, [cmd, cmd])
+    try:
+        wait_healthy(port, procs, time.monotonic() + DEADLINE_S)
+        procs[1].kill()  # idle: rank 0's next heartbeat tick finds it gone
+        _, err = procs[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 still serving 60 s after rank 1 died (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[0].returncode == 2, err.decode()[-2000:]
+    lines = [line for line in err.decode().splitlines() if not line.startswith("INFO:")]  # uvicorn's log
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the connection to another rank"), lines

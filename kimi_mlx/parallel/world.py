@@ -110,7 +110,7 @@ class _Watchdog:
                 if not ready:  # armed and silent for `timeout`
                     os.write(2, message.encode())
                     try:
-                        os.kill(parent, 15)
+                        _end(parent)
                     finally:
                         os._exit(0)
                 data = os.read(read_end, 4096)
@@ -127,6 +127,20 @@ class _Watchdog:
         if now - self.last > 1.0:  # at most one write a second
             self.last = now
             self.send(b"p")
+
+
+def _end(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM `pid` (our parent), then SIGKILL if it still runs after `grace` s: a server's
+    SIGTERM handler drains its connections, which wait on the rank that stopped answering."""
+    try:
+        os.kill(pid, 15)
+        end = time.monotonic() + grace
+        while os.getppid() == pid and time.monotonic() < end:  # reparented once it has exited
+            time.sleep(0.1)
+        if os.getppid() == pid:
+            os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
 
 
 _watch: _Watchdog | None = None
@@ -194,6 +208,8 @@ def _quiet(rank: int) -> None:
     def keep(line: bytes) -> bytes | None:
         if rank == 0:
             return None if line.startswith(b"[ring]") else line
+        if line.startswith(b"error: rank %d: " % rank):  # a RankError names its rank already
+            return line
         if line.startswith(b"error: "):
             return b"error: rank %d: " % rank + line[len(b"error: "):]
         if _EXCEPTION_LINE.match(line):  # the last line of a traceback: a bug, say where it happened
@@ -271,7 +287,10 @@ def broadcast_token(token, group):
 
     if group is None or group.size() == 1:
         return token
-    mine = token if group.rank() == 0 else mx.zeros_like(token)
+    # token * 0, not zeros: the other ranks' share must depend on their own logits too, or their
+    # all_sum could run before the model's collectives of the same graph (rank 0's cannot): the
+    # ranks would wait on each other (seen in the server's pipelined decode steps)
+    mine = token if group.rank() == 0 else token * 0
     return mx.distributed.all_sum(mine, group=group)
 
 

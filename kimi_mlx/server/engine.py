@@ -18,10 +18,16 @@ different lengths decode together. Each request's tokens, text (kimi_mlx.generat
 detokenizer, eos, max_tokens, stop strings) and logprobs go to its `deliver` callback as
 Events. One request's failure is delivered to it (or to the rows of a failed decode step) and
 the loop goes on.
+
+Under mlx.launch (kimi_mlx/server/lockstep.py) every rank runs this loop: rank 0's turns start
+with a tick (new requests, cancellations, stop) that the other ranks receive, and sampled tokens
+are rank 0's, so every rank makes the same model calls on its shard of the model; there a failed
+step ends the engine on every rank (the ranks cannot skip a step together).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -35,6 +41,7 @@ import mlx.core as mx
 from ..errors import KimiError
 from ..generate import DEFAULT_PREFILL_STEP, ReplyText
 from .batch_cache import extract_row, merge_caches, select_rows, split_rows
+from .lockstep import Lockstep, Tick, digest, request_fields
 from .sampling import RowSampler, SamplingParams
 from .state_cache import StateCache
 
@@ -42,6 +49,10 @@ log = logging.getLogger("kimi_mlx.server")
 # Requests prefill together (left-padded into one batch) while their caches stay this short:
 # merging and splitting copies each row's latent cache, cheap for short prompts, not for long ones.
 BATCH_PREFILL_MAX_TOKENS = 4096
+# Under ranks an idle rank 0 still ticks this often (s): the other ranks sleep between ticks instead of
+# spinning inside a collective, both sides' watchdogs see a live peer, and a request arriving at an
+# idle server waits at most this long for the other ranks.
+IDLE_TICK_S = 0.1
 
 
 class QueueFull(KimiError):
@@ -79,6 +90,7 @@ class Request:
     deliver: Callable[[Event], None] = lambda ev: None
 
     # engine-side state
+    serial: int = -1  # set by submit: the ranks name a request by it
     cancelled: bool = False
     cache: list | None = None
     pos: int = 0  # prompt tokens consumed by cache
@@ -105,11 +117,14 @@ class _Step:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_step: int = DEFAULT_PREFILL_STEP, kv_bits: int | None = None,
-                 state_cache: StateCache | None = None, max_prefill_batch: int = 8):
+                 state_cache: StateCache | None = None, max_prefill_batch: int = 8,
+                 lockstep: Lockstep | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.lockstep = lockstep or Lockstep()  # one process; lockstep.RankLockstep under mlx.launch
         self.max_prefill_batch = max_prefill_batch
         self.max_batch, self.max_queue, self.prefill_step, self.kv_bits = max_batch, max_queue, prefill_step, kv_bits
         self.state_cache = state_cache
+        self.incoming: deque[Request] = deque()  # submitted, not yet taken in by a tick
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
         self.rows: list[Request] = []  # decode batch, in cache row order
@@ -118,6 +133,10 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self._serials = itertools.count()
+        self._gone: set[int] = set()  # serials of the requests the current tick cancels
+        self.fatal: KimiError | None = None  # why the engine ended under ranks (serve raises it)
+        self.on_fatal: Callable[[KimiError], None] | None = None  # rank 0: stops the HTTP server
         # counters for /metrics
         self.stats = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                           generated_tokens=0, decode_steps=0, prefill_steps=0)
@@ -134,11 +153,13 @@ class Engine:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
             busy = len(self.rows) + len(self.prefilling)
-            if busy + len(self.waiting) >= self.max_batch + self.max_queue:
-                raise QueueFull(f"server busy: {busy} requests running and {len(self.waiting)} waiting "
+            waiting = len(self.waiting) + len(self.incoming)
+            if busy + waiting >= self.max_batch + self.max_queue:
+                raise QueueFull(f"server busy: {busy} requests running and {waiting} waiting "
                                 f"(limits {self.max_batch} and {self.max_queue}); retry later")
             req.t_submit = time.perf_counter()
-            self.waiting.append(req)
+            req.serial = next(self._serials)
+            self.incoming.append(req)
             self.stats["requests"] += 1
             self.cond.notify()
 
@@ -151,7 +172,7 @@ class Engine:
         with self.cond:
             self.stopping = True
             if not drain:
-                for r in [*self.waiting, *self.prefilling, *self.rows]:
+                for r in [*self.incoming, *self.waiting, *self.prefilling, *self.rows]:
                     r.cancel()
             self.cond.notify()
         if self.thread is not None:
@@ -159,24 +180,105 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return dict(waiting=len(self.waiting), prefilling=len(self.prefilling), decoding=len(self.rows))
+        return dict(waiting=len(self.waiting) + len(self.incoming), prefilling=len(self.prefilling),
+                    decoding=len(self.rows))
 
     # ---- the model thread
 
+    def follow(self) -> None:
+        """A rank other than 0: run rank 0's engine turns here until it stops (kimi_mlx/server/
+        lockstep.py). Raises RankError when rank 0 is lost or the ranks drift apart."""
+        self._loop()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.rows or self.inflight)
+
     def _loop(self) -> None:
+        step = self.lockstep
         while True:
-            with self.cond:
-                while not (self.waiting or self.prefilling or self.rows or self.inflight or self.stopping):
-                    self.cond.wait()
-                if self.stopping and not (self.waiting or self.prefilling or self.rows or self.inflight):
-                    return
+            if not step.follower:
+                with self.cond:
+                    if step.ranks > 1:  # rank 0 ticks at least every IDLE_TICK_S: the heartbeat of the ranks
+                        if not (self.incoming or self._busy() or self.stopping):
+                            self.cond.wait(IDLE_TICK_S)
+                    else:
+                        while not (self.incoming or self._busy() or self.stopping):
+                            self.cond.wait()
             try:
-                self._drop_cancelled()
-                self._admit()
-                self._prefill_step()
-                self._decode_step()
-            except Exception:  # noqa: BLE001 - the loop must survive anything one step does
-                log.error("engine step failed:\n%s", traceback.format_exc())
+                with step.watch():  # under ranks: a peer that stops answering (no tick, no step) ends this rank
+                    if not self._tick():
+                        return
+                    self._drop_cancelled()
+                    self._admit()
+                    self._prefill_step()
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 - the loop must survive anything one step does
+                if step.ranks == 1:
+                    log.error("engine step failed:\n%s", traceback.format_exc())
+                    continue
+                self._die(e)
+                return
+            if step.follower and not self._busy():
+                # Idle: rank 0's next tick is about IDLE_TICK_S away. A rank waiting inside a collective
+                # spins a core (the ring backend polls), so sleep through most of the gap.
+                time.sleep(IDLE_TICK_S * 0.9)
+
+    def _tick(self) -> bool:
+        """Start a turn: take in the requests submitted since the last one and the cancellations
+        (rank 0 decides them and sends them to the other ranks, which take them in the same way).
+        False: the engine stops (stopping, and nothing is left to finish)."""
+        mine = digest((self.waiting, self.prefilling, self.rows), len(self.state_cache or ()))
+        if self.lockstep.follower:
+            tick = self.lockstep.receive(mine)
+            new = [Request(ids=f["ids"], max_tokens=f["max_tokens"], sampling=SamplingParams(**f["sampling"]),
+                           stop=f["stop"], top_logprobs=f["top_logprobs"], snapshot_at=f["snapshot_at"],
+                           snapshot_reply=f["snapshot_reply"], ignore_eos=f["ignore_eos"], serial=f["serial"])
+                   for f in tick.new]
+            self.waiting.extend(new)
+            self.stats["requests"] += len(new)
+        else:
+            with self.cond:
+                new = list(self.incoming)
+                self.incoming.clear()
+                self.waiting.extend(new)
+                gone = [r.serial for r in (*self.waiting, *self.prefilling, *self.rows) if r.cancelled]
+                stop = self.stopping and not self._busy()
+            tick = Tick([request_fields(r) for r in new] if self.lockstep.ranks > 1 else [], gone, stop)
+            self.lockstep.send(tick, mine)
+        self._gone = set(tick.gone)  # fixed for this turn (a client may go away meanwhile)
+        return not tick.stop
+
+    def _die(self, error: Exception) -> None:
+        """Under ranks: a step failed or a peer was lost. Every request gets the error, the engine
+        stops, and rank 0's HTTP server is told to stop (on_fatal); a follower raises it (follow)."""
+        from ..parallel.world import RankError, peer_error
+
+        self.fatal = peer_error(error) or (error if isinstance(error, KimiError) else RankError(
+            f"rank {self.lockstep.rank}: an engine step failed ({type(error).__name__}: {error}); the ranks "
+            "cannot go on out of step: stopping"))
+        if not isinstance(error, KimiError) and peer_error(error) is None:
+            log.error("engine step failed:\n%s", traceback.format_exc())
+        with self.cond:
+            self.stopping = True
+            reqs = [*self.incoming, *self.waiting, *self.prefilling, *self.rows,
+                    *(self.inflight.rows if self.inflight else [])]
+            self.incoming.clear()
+        for r in {id(r): r for r in reqs}.values():
+            if not r.done:
+                self._fail(r, str(self.fatal))
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.rows, self.batch_cache, self.inflight = [], None, None
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
+
+    def _must_stop(self) -> None:
+        """Called in an except block: under ranks a failed step is not skipped but ends the engine
+        (the other ranks ran it, or wait inside it), so re-raise to _loop."""
+        if self.lockstep.ranks > 1:
+            raise  # noqa: PLE0704 - re-raises the exception being handled by the caller
 
     def _finish(self, req: Request, ev: Event, cache: list | None) -> None:
         req.done = True
@@ -194,6 +296,7 @@ class Engine:
         try:
             self.state_cache.insert(tokens, cache)
         except Exception:  # noqa: BLE001
+            self._must_stop()
             log.error("state snapshot failed:\n%s", traceback.format_exc())
 
     def _fail(self, req: Request, message: str) -> None:
@@ -203,16 +306,20 @@ class Engine:
         req.deliver(Event(finish_reason="error", error=message))
 
     def _drop_cancelled(self) -> None:
+        """Requests the tick found cancelled leave (their serials: the same set on every rank)."""
+        for r in [*self.waiting, *self.prefilling, *self.rows]:
+            if r.serial in self._gone:
+                r.cancelled = True
         with self.cond:
             for q in (self.waiting, self.prefilling):
-                gone = [r for r in q if r.cancelled]
+                gone = [r for r in q if r.serial in self._gone]
                 for r in gone:
                     q.remove(r)
                     r.cache = None
                     self.stats["cancelled"] += 1
         for r in self.rows:
-            r.done = r.done or r.cancelled
-        keep = [i for i, r in enumerate(self.rows) if not r.cancelled]
+            r.done = r.done or r.serial in self._gone
+        keep = [i for i, r in enumerate(self.rows) if r.serial not in self._gone]
         if len(keep) < len(self.rows):
             self.stats["cancelled"] += len(self.rows) - len(keep)
             self._keep_rows(keep)
@@ -257,6 +364,7 @@ class Engine:
                 logits = self._prefill_batch(group, spans)
             self.stats["prefill_steps"] += 1
         except Exception as e:  # noqa: BLE001 - these requests fail, the server goes on
+            self._must_stop()
             log.error("prefill failed:\n%s", traceback.format_exc())
             for r in group:
                 if r in self.prefilling:
@@ -322,6 +430,7 @@ class Engine:
         try:
             sampled = self._sample(reqs, logits)
         except Exception as e:  # noqa: BLE001
+            self._must_stop()
             log.error("sampling failed:\n%s", traceback.format_exc())
             for r in reqs:
                 if not r.done:
@@ -336,6 +445,7 @@ class Engine:
                 else:
                     r.cache = None
             except Exception as e:  # noqa: BLE001
+                self._must_stop()
                 log.error("emit failed:\n%s", traceback.format_exc())
                 self._fail(r, f"{type(e).__name__}: {e}")
         if joining:
@@ -355,6 +465,7 @@ class Engine:
             if self.rows:
                 self.inflight = self._launch(prev)
         except Exception as e:  # noqa: BLE001 - these rows fail, the server goes on
+            self._must_stop()
             log.error("decode step failed:\n%s", traceback.format_exc())
             self._fail_batch(f"decode failed: {type(e).__name__}: {e}", prev)
             return
@@ -363,6 +474,7 @@ class Engine:
         try:
             results = self._read(prev.rows, prev.lazy)
         except Exception as e:  # noqa: BLE001
+            self._must_stop()
             log.error("decode step failed:\n%s", traceback.format_exc())
             self._fail_batch(f"decode failed: {type(e).__name__}: {e}", prev)
             return
@@ -373,6 +485,7 @@ class Engine:
             try:
                 self._emit(r, token, lp, None, row=index[id(r)])
             except Exception as e:  # noqa: BLE001
+                self._must_stop()
                 log.error("emit failed:\n%s", traceback.format_exc())
                 self._fail(r, f"{type(e).__name__}: {e}")
         self._drop_done()
@@ -422,11 +535,12 @@ class Engine:
                 try:
                     parts.append(tokens[i:i + 1] if r.sampler.greedy else r.sampler(logprobs[i:i + 1]))
                 except Exception as e:  # noqa: BLE001 - this request fails (and leaves), not its batch
+                    self._must_stop()
                     log.error("sampling failed:\n%s", traceback.format_exc())
                     self._fail(r, f"sampling failed: {type(e).__name__}: {e}")
                     parts.append(tokens[i:i + 1])
             tokens = mx.concatenate(parts)
-        tokens = tokens.astype(mx.int32)
+        tokens = self.lockstep.broadcast(tokens.astype(mx.int32))  # under ranks: rank 0's tokens, in the graph
         chosen = top = None
         if any(r.top_logprobs is not None for r in reqs):
             chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]

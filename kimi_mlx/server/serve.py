@@ -2,6 +2,10 @@
 
 On SIGTERM uvicorn stops accepting connections and waits for the open ones (streams in flight
 finish), then the app's shutdown drains the engine and stops its thread.
+
+Under mlx.launch every rank loads its share of the model; rank 0 serves HTTP and runs the
+engine as leader, the others run the same engine turns without HTTP (kimi_mlx/server/lockstep.py)
+and end when rank 0's engine stops. A lost rank ends the others with one line each.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 from ..errors import KimiError
 from .app import ServerConfig, build_app
 from .engine import Engine
+from .lockstep import Lockstep, RankLockstep
 from .state_cache import StateCache
 
 log = logging.getLogger("kimi_mlx.server")
@@ -19,12 +24,15 @@ log = logging.getLogger("kimi_mlx.server")
 
 def make_engine(model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, prefill_step: int = 512,
                 kv_bits: int | None = None, state_cache_mb: int = 2048, spill_dir: str | None = None,
-                spill_mb: int = 8192, model_name: str = "this model") -> Engine:
+                spill_mb: int = 8192, model_name: str = "this model", lockstep: Lockstep | None = None) -> Engine:
+    """lockstep: under mlx.launch, this rank's RankLockstep (the state cache then agrees on sizes
+    over its group and does not spill)."""
     state_cache = None
+    group = getattr(lockstep, "group", None)
     if state_cache_mb > 0:
-        state_cache = StateCache(state_cache_mb << 20, spill_dir, spill_mb << 20, model, model_name)
+        state_cache = StateCache(state_cache_mb << 20, spill_dir, spill_mb << 20, model, model_name, group=group)
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_step=prefill_step,
-                  kv_bits=kv_bits, state_cache=state_cache)
+                  kv_bits=kv_bits, state_cache=state_cache, lockstep=lockstep)
 
 
 def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, *,
@@ -37,24 +45,38 @@ def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, a
     from ..loading import resolve_model_path
     from ..parallel import launched
 
-    if launched():  # its batch scheduler runs on one process: ranks would wait on requests only rank 0 gets
-        raise KimiError("serve does not run under mlx.launch yet (one process only); generate and chat do")
-    folder = resolve_model_path(model_path)
-    model, tokenizer = load(str(folder))
-    name = "demo" if model_path == "demo" else model_path
     if kv_bits not in (None, 16, 8, 4):
         raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4 bits")
+    folder = resolve_model_path(model_path)
+    model, tokenizer = load(str(folder))  # under mlx.launch: this rank's share (kimi_mlx.parallel)
+    name = "demo" if model_path == "demo" else model_path
+    lockstep = None
+    if launched():
+        lockstep = RankLockstep(model.group)
+        if spill_dir is not None and lockstep.rank == 0:
+            log.warning("--spill-dir is not used under mlx.launch (each rank's snapshot files would differ); "
+                        "the state cache stays in memory, the same on every rank")
+        spill_dir = None
+        # every rank runs its own copy of the command: the engines must be configured alike
+        lockstep.agree_on(dict(max_batch=max_batch, prefill_step=prefill_step, kv_bits=kv_bits,
+                               state_cache_mb=state_cache_mb))
     engine = make_engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_step=prefill_step,
                          kv_bits=kv_bits, state_cache_mb=state_cache_mb, spill_dir=spill_dir, spill_mb=spill_mb,
-                         model_name=name)
+                         model_name=name, lockstep=lockstep)
+    if lockstep is not None and lockstep.follower:
+        engine.follow()  # rank 0's engine turns, until it stops (or a RankError)
+        return
     app = build_app(engine, ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                                          kv_bits=kv_bits))
 
     server = make_uvicorn(engine, app, host, port, log_level, ready)
+    engine.on_fatal = lambda _error: setattr(server, "should_exit", True)  # under ranks: a lost rank
     try:
         server.run()
     except OSError as e:
         raise KimiError(f"cannot serve on {host}:{port} ({e.strerror or e})") from None
+    if engine.fatal is not None:
+        raise engine.fatal
 
 
 def make_uvicorn(engine: Engine, app, host: str, port: int, log_level: str = "info", ready=None):

@@ -12,6 +12,13 @@ evicted snapshot is written there in the prompt-cache format (kimi_mlx/prompt_ca
 form, loadable by `kimi-mlx generate --raw --prompt-cache FILE`) and read back on a hit; the
 folder is bounded in bytes too, and a server started on it takes in the snapshots an earlier
 one left there (same model only). Only the engine's model thread calls this.
+
+Under mlx.launch (`group`: the ranks) each rank keeps its own shard of every snapshot, and the
+trie must make the same decisions on every rank (a hit decides where a prompt's prefill starts,
+which every rank must run alike). The ranks run the same inserts and lookups in the same order
+(kimi_mlx/server/lockstep.py); what could differ is a snapshot's size (a pipeline stage holds
+other layers than its neighbour), so sizes are agreed on: the largest rank's, so the budget
+bounds every rank. Spilling is off under ranks (each rank's files and their sizes would differ).
 """
 
 from __future__ import annotations
@@ -57,8 +64,11 @@ class StateCache:
     """Snapshots by token prefix; `max_bytes` in memory, `spill_bytes` in `spill_dir` (optional)."""
 
     def __init__(self, max_bytes: int, spill_dir: str | os.PathLike | None = None, spill_bytes: int = 0,
-                 model=None, model_name: str = "this model"):
+                 model=None, model_name: str = "this model", group=None):
         self.max_bytes, self.spill_bytes = max_bytes, spill_bytes
+        self.group = group if group is not None and group.size() > 1 else None
+        if self.group is not None and spill_dir is not None:
+            raise ValueError("a state cache shared by ranks does not spill")
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +96,7 @@ class StateCache:
             self.lru.move_to_end(id(node))
             return
         snap = [c.copy() for c in cache]
-        size = cache_nbytes(snap)
+        size = self._size(snap)
         if size > self.max_bytes:
             self._prune(node)
             return
@@ -94,6 +104,16 @@ class StateCache:
         self.lru[id(node)] = (node, size)
         self.nbytes += size
         self._evict()
+
+    def _size(self, snap: list) -> int:
+        """A snapshot's bytes; under ranks the largest rank's (one all_gather, in KiB: int32)."""
+        size = cache_nbytes(snap)
+        if self.group is None:
+            return size
+        import mlx.core as mx
+
+        every = mx.distributed.all_gather(mx.array([-(-size // 1024)], dtype=mx.int32), group=self.group)
+        return int(every.max().item()) * 1024
 
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes and self.lru:
