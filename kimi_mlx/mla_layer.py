@@ -82,7 +82,8 @@ class MLAttention(nn.Module):
 
     def attend(self, q: mx.array, latent: mx.array, cache: LatentCache, mask: mx.array | None = None) -> mx.array:
         """Append latent to the cache, attend over it: -> o [B, H, T, R] (absorbed form: still in
-        the latent space) or [B, H, T, Dv] (expanded), float32; `output` finishes it."""
+        the latent space) or [B, H, T, Dv] (expanded), float32 (or the cache's dtype when the keys
+        are one block); `output` finishes it."""
         B, H, T, _ = q.shape
         offset = cache.offset
         cache.update(latent, mask)  # the step attends to its own tokens as cached (maybe quantized)
@@ -147,8 +148,9 @@ class _Attention:
     """softmax(scores) @ values over key blocks, one block at a time (online softmax, fp32).
 
     block(arrays) -> (scores [B, H, T, n] scaled, pv(p) -> p @ V [B, H, T, D]); `attend` returns
-    the normalised fp32 output [B, H, T, D]. Query i sits at position offset + i and sees the keys
-    at positions <= its own that are valid (keys_valid [B, S], False = left padding).
+    the normalised output [B, H, T, D]: fp32 over several blocks, the values' dtype over one.
+    Query i sits at position offset + i and sees the keys at positions <= its own that are valid
+    (keys_valid [B, S], False = left padding).
     """
 
     def __init__(self, block, shape):
@@ -156,19 +158,19 @@ class _Attention:
 
     def attend(self, blocks, offset: int, keys_valid: mx.array | None) -> mx.array:
         T = self.shape[2]
+        if len(blocks) == 1:
+            # One key block (every decode step up to a page, most prefill steps): the plain
+            # softmax, one kernel (fp32 accumulation inside, `precise`) instead of the online
+            # softmax's ~7 (casts, max, exp, sum, rescale, divide); the same math, and the
+            # online form below is its check (tests/test_long_context.py: blocked == one block).
+            k0, arrays = blocks[0]
+            s, pv = self.block(arrays)
+            return pv(mx.softmax(self._masked(s, k0, arrays[0].shape[1], offset, keys_valid), axis=-1, precise=True))
         m = l = acc = None
         for k0, arrays in blocks:
             n = arrays[0].shape[1]
             s, pv = self.block(arrays)
-            s = s.astype(mx.float32)
-            keep = None
-            if k0 + n - 1 > offset:  # a key later than the first query: causal mask
-                keep = mx.arange(offset, offset + T)[:, None] >= mx.arange(k0, k0 + n)[None]  # [T, n]
-            if keys_valid is not None:
-                valid = keys_valid[:, None, None, k0:k0 + n]  # [B, 1, 1, n]
-                keep = valid if keep is None else keep & valid
-            if keep is not None:
-                s = mx.where(keep, s, MASKED)
+            s = self._masked(s.astype(mx.float32), k0, n, offset, keys_valid)
             block_max = s.max(axis=-1, keepdims=True)
             if m is None:
                 m = block_max
@@ -189,6 +191,17 @@ class _Attention:
                 # page, layer and token would stall the GPU.
                 mx.eval(m, l, acc)
         return acc / l  # [B, H, T, D] float32
+
+    def _masked(self, s: mx.array, k0: int, n: int, offset: int, keys_valid: mx.array | None) -> mx.array:
+        """Scores [B, H, T, n] of keys k0.. with the keys a query may not see set to MASKED."""
+        T = self.shape[2]
+        keep = None
+        if k0 + n - 1 > offset:  # a key later than the first query: causal mask
+            keep = mx.arange(offset, offset + T)[:, None] >= mx.arange(k0, k0 + n)[None]  # [T, n]
+        if keys_valid is not None:
+            valid = keys_valid[:, None, None, k0:k0 + n]  # [B, 1, 1, n]
+            keep = valid if keep is None else keep & valid
+        return s if keep is None else mx.where(keep, s, MASKED)
 
 
 def _block_size(rows: int) -> int:
