@@ -397,7 +397,8 @@ def serve_session(port: int) -> list[tuple[str, dict]]:
     return out
 
 
-def one_process_session(folder: Path) -> list[tuple[str, dict]]:
+@pytest.fixture(scope="module")
+def one_process_answers(demo32) -> list[tuple[str, dict]]:
     """serve_session against the one-process server (a uvicorn thread here)."""
     import threading
 
@@ -405,7 +406,7 @@ def one_process_session(folder: Path) -> list[tuple[str, dict]]:
     from kimi_mlx.server.app import ServerConfig, build_app
     from kimi_mlx.server.serve import make_engine, make_uvicorn
 
-    model, tokenizer = load(str(folder))
+    model, tokenizer = load(str(demo32))
     engine = make_engine(model, tokenizer, model_name="demo")
     port = free_ports(1)[0]
     server = make_uvicorn(engine, build_app(engine, ServerConfig(model_name="demo")), "127.0.0.1", port, "warning")
@@ -419,13 +420,14 @@ def one_process_session(folder: Path) -> list[tuple[str, dict]]:
         thread.join(30)
 
 
-def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32):
-    """`kimi-mlx serve` as two tensor-parallel ranks: rank 0 serves HTTP and the other runs the same
-    engine steps; greedy answers (alone, two at once, a follow-up from the state cache) equal one
-    process's; SIGTERM on rank 0 ends both ranks cleanly."""
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32, one_process_answers, mode):
+    """`kimi-mlx serve` as two ranks: rank 0 serves HTTP and the other runs the same engine steps;
+    greedy answers (alone, two at once, a follow-up from the state cache) equal one process's;
+    SIGTERM on rank 0 ends both ranks cleanly."""
     port = free_ports(1)[0]
     cmd = CLI + ["serve", "-m", str(demo32), "--port", str(port)]
-    procs = spawn_ranks(tmp_path, [cmd, cmd])
+    procs = spawn_ranks(tmp_path, [cmd, cmd], env={"KIMI_MLX_PARALLEL": mode})
     try:
         wait_healthy(port, procs, time.monotonic() + DEADLINE_S)
         got = serve_session(port)
@@ -443,7 +445,7 @@ def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32):
     # uvicorn re-raises the SIGTERM it caught once its graceful shutdown is done (as in test_server)
     assert procs[0].returncode in (0, -signal.SIGTERM) and procs[1].returncode == 0, errs
     assert "error" not in errs[0].lower() and not errs[1].strip(), errs
-    assert got == one_process_session(demo32)
+    assert got == one_process_answers
     assert got[-1][1]["prompt_tokens_details"]["cached_tokens"] > 0  # the trie hit, on both ranks alike
     assert all(u["completion_tokens"] == 12 for _, u in got[1:3])
     steps = next(float(line.split()[-1]) for line in metrics.splitlines()

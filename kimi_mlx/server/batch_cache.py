@@ -11,6 +11,8 @@ Layouts (kimi_mlx/cache.py):
 The batched cache is a plain list of layer caches: the model runs on it unchanged. After a
 batched prefill chunk a row may also hold padding in its middle (its chunk was left-padded on
 top of its earlier tokens); split_rows gathers each row's real positions back out.
+A layer cache that holds nothing (a layer another rank runs in a pipeline, kimi_mlx/parallel/
+pipeline.py) passes through every function here as an empty cache of its kind.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def select_rows(cache: list, rows: list[int]) -> list:
     idx = mx.array(rows, dtype=mx.int32)
     out = []
     for c in cache:
+        if not c.state:  # a remote layer: nothing to select
+            out.append(c.copy())
+            continue
         if isinstance(c, KDACache):
             new = KDACache()
             new.state, new.offset = [a[idx] for a in c.state], c.offset
@@ -103,7 +108,7 @@ def select_rows(cache: list, rows: list[int]) -> list:
 def _own_offsets(row: list) -> list:
     """A single-request cache whose KDA layers report the batch's length: give them the row's own
     token count (its latent length), so the cache describes itself (prompt-cache files check it)."""
-    n = next((c.offset for c in row if isinstance(c, LatentCache)), None)
+    n = next((c.offset for c in row if isinstance(c, LatentCache) and c.state), None)
     if n is not None:
         for c in row:
             if isinstance(c, KDACache):
@@ -123,6 +128,10 @@ def split_rows(cache: list) -> list[list]:
     B = next((c.state[0].shape[0] for c in cache if c.state), 1)
     out = [[] for _ in range(B)]
     for c in cache:
+        if not c.state:  # a remote layer
+            for b in range(B):
+                out[b].append(c.copy())
+            continue
         if isinstance(c, KDACache):
             for b in range(B):
                 new = KDACache()
