@@ -3,6 +3,10 @@ and the memory plan (plan.weight_bytes), so the plan counts what a loaded model 
 
 - FP32_PARAMS (A_log, dt_bias, the router's correction bias): float32 always (they set decay
   rates and expert choices);
+- the router gate's float tensors (`.mlp.gate.`: its weight, or the scales and biases of a
+  quantized gate): float32 always. The router runs in float32 (moe.SparseMoE.router_logits);
+  held in bf16 they were cast at every call, 1-2 kernels per MoE layer and token, for
+  37 KB (8-bit gate) to 1.2 MB (bf16 gate) more per layer;
 - on the CPU backend the float tensors of the routed experts (`.switch_mlp.`: the weights of
   unquantized experts, the scales and biases of quantized ones) are float32: MLX's CPU gather_mm
   takes float32 only, and they are cast once at load rather than at every call;
@@ -31,7 +35,7 @@ def held_float_dtype(name: str, stored: str, override: str | None = None, cpu: b
     """The dtype name ('float32', 'bfloat16', 'float16') a float tensor is held in, by its MLX-layout
     name (e.g. `model.layers.3.mlp.switch_mlp.up_proj.scales`), its stored dtype name and the
     dtype asked for at load (None: keep). See the module docstring for the rule."""
-    if name.endswith(FP32_PARAMS) or (".switch_mlp." in name and experts_fp32(cpu)):
+    if name.endswith(FP32_PARAMS) or ".mlp.gate." in name or (".switch_mlp." in name and experts_fp32(cpu)):
         return "float32"
     return override or stored
 

@@ -40,7 +40,7 @@ def test_parameter_shapes_are_the_models(config):
 
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
 def test_weight_bytes_are_those_of_a_quantized_model(mode):
-    """bf16 tiny model, FP32_PARAMS in fp32, quantized as mlx-lm would: group 32 (so modules whose
+    """bf16 tiny model, FP32_PARAMS and the router gate in fp32, quantized as mlx-lm would: group 32 (so modules whose
     input is 16 or 8 wide stay bf16), the router 8-bit, one module switched off."""
     q = {"group_size": 32, "bits": 4, "mode": mode,
          "model.layers.1.mlp.gate": {"group_size": 32, "bits": 8}, "model.layers.0.mlp.up_proj": False}
@@ -55,7 +55,11 @@ def test_weight_bytes_are_those_of_a_quantized_model(mode):
         return hasattr(module, "to_quantized") and module.weight.shape[-1] % 32 == 0
 
     nn.quantize(model, group_size=32, bits=4, mode=mode, class_predicate=predicate)
+    # The router gate's float tensors (here the 8-bit gate's scales and biases) are held in fp32.
+    model.load_weights([(n, p.astype(mx.float32)) for n, p in tree_flatten(model.parameters())
+                        if ".mlp.gate." in n and mx.issubdtype(p.dtype, mx.floating)], strict=False)
     params = tree_flatten(model.parameters())
+    assert any(".mlp.gate.scales" in n and p.dtype == mx.float32 for n, p in params)
     assert any(n.endswith(".scales") for n, _ in params) and any(p.dtype == mx.bfloat16 for _, p in params)
     plan = plan_memory(config, 100, memory_bytes=GiB, backend="gpu")  # experts kept bf16 here, as on a GPU
     assert plan.weights == sum(p.nbytes for _, p in params)
@@ -113,22 +117,22 @@ def test_real_parameter_count_by_hand():
     plan = plan_memory(REAL, 1024, memory_bytes=GiB, backend="gpu")
     assert plan.parameters == total == 49_122_681_728
     fp32 = n_kda * (H + H * D) + (L - 1) * E  # A_log, dt_bias, router bias
-    assert plan.weights == 2 * (total - fp32) + 4 * fp32  # bfloat16 checkpoint
+    routers = (L - 1) * E * h  # the router gates: held in fp32 too (their float tensors)
+    assert plan.weights == 2 * (total - fp32 - routers) + 4 * (fp32 + routers)  # bfloat16 checkpoint
     # On the CPU backend the routed experts are held in float32: 2 more bytes per expert weight.
     experts = (L - 1) * 3 * E * h * inter
     assert plan_memory(REAL, 1024, memory_bytes=GiB, backend="cpu").weights == plan.weights + 2 * experts
 
-    # 4-bit g64 (9/16 byte per weight with bf16 scale and bias per 64), routers 8-bit (17/16):
-    # every quantizable module of this model has an input dim that is a multiple of 64.
+    # 4-bit g64 (9/16 byte per weight with bf16 scale and bias per 64), routers 8-bit with fp32
+    # scale and bias (18/16): every quantizable module of this model has an input dim that is a multiple of 64.
     other = (2 * L + 1) * h + n_kda * (3 * H * D * K + D) + (L - n_kda) * R  # norms, conv weights
-    routers = (L - 1) * E * h
     quantized = total - other - fp32 - routers
     q4 = _real(quantization={"group_size": 64, "bits": 4, **ROUTER_8BIT})
     assert plan_memory(q4, 1024, memory_bytes=GiB, backend="gpu").weights == (
-        quantized * 9 // 16 + routers * 17 // 16 + 2 * other + 4 * fp32)
+        quantized * 9 // 16 + routers * 18 // 16 + 2 * other + 4 * fp32)
     # CPU: the experts' scales and biases are float32 (the packed weights stay 4-bit): 4/64 more per weight
     assert plan_memory(q4, 1024, memory_bytes=GiB, backend="cpu").weights == (
-        quantized * 9 // 16 + experts * 4 // 64 + routers * 17 // 16 + 2 * other + 4 * fp32)
+        quantized * 9 // 16 + experts * 4 // 64 + routers * 18 // 16 + 2 * other + 4 * fp32)
 
 
 def test_released_bf16_model_on_cpu_does_not_fit_128_gib():
@@ -267,10 +271,11 @@ def test_plan_weights_are_the_loaded_models_bytes(tmp_path, monkeypatch, checkpo
 
 def test_demo_plan_on_cpu_counts_the_float32_experts():
     """The demo (v2, 6.5M parameters) holds 20.2 MiB on the CPU backend (float32 routed experts),
-    12.3 MiB on a GPU (bf16 as stored; the first demo: 7.1 and 4.5 MiB)."""
+    12.4 MiB on a GPU (bf16 as stored, the router gates in fp32: 12.3 while they were bf16; the first
+    demo: 7.1 and 4.5 MiB)."""
     cpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="cpu")
     gpu = plan_for_path("demo", 100, memory_bytes=GiB, backend="gpu")
-    assert round(cpu.weights / 2**20, 1) == 20.2 and round(gpu.weights / 2**20, 1) == 12.3
+    assert round(cpu.weights / 2**20, 1) == 20.2 and round(gpu.weights / 2**20, 1) == 12.4
 
 
 # ---- the refusal is an estimate: generate and chat can be told to run anyway
