@@ -105,9 +105,13 @@ def experts_direct(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array
         return mx.gather_mm(h, layer["weight"].swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=rhs)
 
     h = mlp.activation(linear(mlp.up_proj, xe), linear(mlp.gate_proj, xe))  # [N, k, 1, I]
+    # Each slot's weight applied before the (linear) down projection, as the grouped path does:
+    # it fuses into the activation's kernel, and the products come out in the activations' dtype,
+    # so the weighted sum is one reduction (no multiply and cast kernels after it; in bf16 the
+    # weights round to bf16, an error of the order of the bf16 rounding of each expert's output).
+    h = h * weights.astype(h.dtype)[..., None, None]
     # down: each slot's own row (lhs = n * k + j over the [N * k] rows of h)
-    y = _down(mlp.down_proj, h, rhs)  # [N, k, D]
-    return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+    return _down(mlp.down_proj, h, rhs).sum(axis=-2).astype(x.dtype)  # [N, k, D] -> [N, D]
 
 
 def _down(layer, h: mx.array, rhs: mx.array) -> mx.array:

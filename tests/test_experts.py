@@ -4,7 +4,8 @@ Tolerances, relative error ||out - ref|| / ||ref|| against the gather path (the 
     float32   2e-6  only the summation order differs
     bfloat16  1e-2  bf16 rounding of the intermediate activations
     quantized 2e-6  the same quantized weights, read by quantized_matmul instead of gather_qmm
-The direct path runs the reference's very gather matmuls: equal to it exactly (0).
+The direct path runs the reference's gather matmuls with each slot's weight applied before the
+down projection: float32 and quantized-in-fp32 tables as above (summation order only).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ nn = pytest.importorskip("mlx.nn")
 
 from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
 
+from mlx.utils import tree_map  # noqa: E402
+
 from kimi_mlx import experts  # noqa: E402
 from kimi_mlx.experts import (  # noqa: E402
     experts_direct, experts_gather, experts_grouped, get_expert_path, run_experts, set_expert_path)
 from kimi_mlx.moe import route  # noqa: E402
 
 TOL = {"float32": 2e-6, "bfloat16": 1e-2, "quantized": 2e-6}
+BF16_VS_REFERENCE = 1.1  # direct path, bf16: its distance to the fp32 truth over the reference's (measured 0.94-1.02)
 
 
 def rel_err(a: mx.array, b: mx.array) -> float:
@@ -127,7 +131,24 @@ def test_direct_equals_gather(n, top_k, quantized):
     ref = experts_gather(mlp, x, ids, w)
     out = experts_direct(mlp, x, ids, w)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel_err(out, ref) == 0.0
+    assert rel_err(out, ref) <= TOL["quantized" if quantized else "float32"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_direct_bfloat16_as_close_to_fp32_as_the_reference(seed):
+    """bf16 activations with 4-bit experts (bf16 scales, as on a GPU): the weights meet the
+    activations in bf16 before the down projection instead of the outputs in fp32 after it. Both
+    paths are ~1.5-2% from the fp32 truth (same rounded weights); ours may not be further than
+    the reference's distance x BF16_VS_REFERENCE."""
+    mlp, x, ids, w = make_case(2, top_k=8, seed=seed)
+    nn.quantize(mlp, group_size=32, bits=4)
+    mlp.update(tree_map(lambda p: p.astype(mx.bfloat16) if p.dtype == mx.float32 else p, mlp.parameters()))
+    xb = x.astype(mx.bfloat16)
+    out, ref = experts_direct(mlp, xb, ids, w), experts_gather(mlp, xb, ids, w)
+    assert out.dtype == mx.bfloat16
+    mlp.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p, mlp.parameters()))
+    truth = experts_gather(mlp, xb.astype(mx.float32), ids, w)
+    assert rel_err(out, truth) <= BF16_VS_REFERENCE * rel_err(ref, truth)
 
 
 def test_direct_slots_read_their_own_rows():
@@ -136,7 +157,7 @@ def test_direct_slots_read_their_own_rows():
     mlp, x, ids, w = make_case(3, top_k=4)
     swapped = mx.concatenate([ids[:, 1:2], ids[:, 0:1], ids[:, 2:]], axis=-1)
     assert rel_err(experts_direct(mlp, x, swapped, w), experts_gather(mlp, x, ids, w)) > 1e-2
-    assert rel_err(experts_direct(mlp, x, swapped, w), experts_gather(mlp, x, swapped, w)) == 0.0
+    assert rel_err(experts_direct(mlp, x, swapped, w), experts_gather(mlp, x, swapped, w)) <= TOL["float32"]
 
 
 def test_direct_builds_no_index_kernels(tmp_path):
