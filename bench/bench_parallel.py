@@ -5,6 +5,7 @@
     PYTHONPATH=$PWD python3 bench/bench_parallel.py                             # full size, one GPU
     mlx.launch --backend nccl -n 2 -- python3 bench/bench_parallel.py           # full size, two GPUs (NCCL)
     KIMI_MLX_PARALLEL=pipeline mlx.launch ...                                   # pipeline instead of tensor
+    PYTHONPATH=$PWD python3 bench/gpu/parallel_x2.py                            # all three on nvidia-h200-x2, one table
 
 The model: the released architecture (tests/data/kimi_linear_48b_a3b_config.json) with random
 4-bit weights (router gate 8-bit), made lazily with the same seed on every rank and split before

@@ -378,9 +378,28 @@ def wait_healthy(port: int, procs: list[subprocess.Popen], deadline: float) -> N
     pytest.fail("the server did not come up before the deadline")
 
 
+def abandon_a_stream(port: int) -> None:
+    """Start a long streaming request, read its first chunk, hang up; return once the engine is
+    empty again (its row was cancelled: under ranks, on every rank)."""
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", port, timeout=60)
+    body = dict(model="demo", prompt="copy a b c", max_tokens=1000, ignore_eos=True, stream=True)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    while not response.readline().startswith(b"data: {"):
+        pass
+    conn.close()
+    end = time.monotonic() + 60
+    while any(json.loads(http(port, "/health"))[k] for k in ("waiting", "prefilling", "decoding")):
+        assert time.monotonic() < end, "the abandoned request still runs after 60 s"
+        time.sleep(0.1)
+
+
 def serve_session(port: int) -> list[tuple[str, dict]]:
     """One greedy request alone; two at once (to max_tokens: they decode in the same steps); a
-    follow-up turn of the first (its prefix comes from the state cache). -> [(text, usage)]."""
+    stream abandoned by its client; a follow-up turn of the first (its prefix comes from the state
+    cache). -> [(text, usage)]."""
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(messages, **kw):
@@ -392,6 +411,7 @@ def serve_session(port: int) -> list[tuple[str, dict]]:
     with ThreadPoolExecutor(2) as ex:
         out += ex.map(lambda q: ask([{"role": "user", "content": q}], max_tokens=12, ignore_eos=True),
                       ["Copy: red green blue", "What is 12+30?"])
+    abandon_a_stream(port)
     out.append(ask(first + [{"role": "assistant", "content": out[0][0]}, {"role": "user", "content": "Count: a b c"}],
                    max_tokens=16))
     return out
@@ -448,9 +468,11 @@ def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32, one_pr
     assert got == one_process_answers
     assert got[-1][1]["prompt_tokens_details"]["cached_tokens"] > 0  # the trie hit, on both ranks alike
     assert all(u["completion_tokens"] == 12 for _, u in got[1:3])
-    steps = next(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith("kimi_mlx_engine_decode_steps"))
-    assert steps < sum(u["completion_tokens"] for _, u in got)  # the two at once shared decode steps
+    counters = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("kimi_mlx_engine_")}
+    assert counters["kimi_mlx_engine_cancelled_total"] == 1  # the abandoned stream
+    # the two at once shared decode steps (the abandoned stream decoded fewer than 1000 tokens)
+    assert counters["kimi_mlx_engine_decode_steps_total"] < sum(u["completion_tokens"] for _, u in got) + 1000
 
 
 def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32):
@@ -471,3 +493,34 @@ def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32):
     assert procs[0].returncode == 2, err.decode()[-2000:]
     lines = [line for line in err.decode().splitlines() if not line.startswith("INFO:")]  # uvicorn's log
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the connection to another rank"), lines
+
+
+def test_engine_tick_reaches_the_other_ranks_as_sent():
+    """The tick's wire format (kimi_mlx/server/lockstep.py): what rank 0 sends is what a rank
+    receives (a payload whose byte length is no multiple of 4); an idle tick is the header alone;
+    a rank whose engine drifted from rank 0's refuses in one line."""
+    from kimi_mlx.parallel import RankError
+    from kimi_mlx.server.lockstep import RankLockstep, Tick
+
+    class Wire(RankLockstep):  # _bcast over a list instead of mx.distributed
+        def __init__(self, rank, wire):
+            self.rank, self.ranks, self.follower, self.wire = rank, 2, rank != 0, wire
+
+        def _bcast(self, values):
+            if self.rank == 0:
+                self.wire.append(values.copy())
+                return values
+            return self.wire.pop(0)
+
+    tick = Tick(new=[{"serial": 3, "ids": [5, 6, 7], "stop": ["é"], "sampling": {"temperature": 0.5}}], gone=[1, 2])
+    wire = []
+    Wire(0, wire).send(tick, 77)
+    assert len(wire) == 2 and len(json.dumps({"new": tick.new, "gone": tick.gone}, separators=(",", ":"))
+                                  .encode()) % 4 != 0
+    assert Wire(1, list(wire)).receive(77) == tick
+    with pytest.raises(RankError, match=r"^rank 1: its requests drifted from rank 0's") as e:
+        Wire(1, list(wire)).receive(78)
+    assert "\n" not in str(e.value)
+    idle = []
+    Wire(0, idle).send(Tick(stop=True), 5)
+    assert len(idle) == 1 and Wire(1, idle).receive(5) == Tick(stop=True)
