@@ -19,23 +19,56 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Kimi-Lin
 
 
 def _standard_streams() -> None:
-    """Give a standard stream the shell closed (`<&-`, `>&-`, `2>&-`) /dev/null: else the next file
-    opened takes its descriptor (MLX then reads the weights' descriptor 0 as a failed open), and
-    Python's sys.stdout/err are None (writes fail with AttributeError). A descriptor some file
-    already took is left alone."""
-    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
-        if getattr(sys, name) is not None:
+    """Give a standard stream the shell closed (`<&-`, `>&-`, `2>&-`) /dev/null, so a closed stream
+    never changes what a command does.
+
+    Three ways a closed stream shows up: the descriptor is free (the next file opened takes it:
+    MLX then read the weights' descriptor 0 as a failed open), Python's sys.stdout/err are None
+    (writes fail with AttributeError), or a launcher left a file of its own at the number, open
+    the wrong way: pyenv's shim script sits read-only at descriptor 2 after `2>&-`, so sys.stderr
+    wraps it and the first progress bar failed with EBADF (cache-prompt exited 1, no file). A
+    descriptor Python did not wrap at start belongs to a file opened since: left alone, and the
+    stream writes to /dev/null on a descriptor of its own."""
+    for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        stream = getattr(sys, name)
+        if stream is not None:
+            if _wraps(stream, fd) and not _opened_for(fd, mode):
+                _devnull_at(fd, mode)  # inherited (Python wrapped it at start): no one else reads it
             continue
         try:
             os.fstat(fd)
-            continue  # closed at start, but another file holds the number now
         except OSError:
             pass
-        new = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
-        if new != fd:
-            os.dup2(new, fd)
-            os.close(new)
+        else:
+            setattr(sys, name, open(os.devnull, "r" if fd == 0 else "w"))  # the number is another file's now
+            continue
+        _devnull_at(fd, mode)
         setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
+def _wraps(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (OSError, ValueError, AttributeError):  # a test's capture object, a closed stream
+        return False
+
+
+def _opened_for(fd: int, mode: int) -> bool:
+    """Whether descriptor `fd` is open and can be used for `mode` (os.O_RDONLY or os.O_WRONLY)."""
+    import fcntl
+
+    try:
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        return False
+    return access in (mode, os.O_RDWR)
+
+
+def _devnull_at(fd: int, mode: int) -> None:
+    new = os.open(os.devnull, mode)
+    if new != fd:
+        os.dup2(new, fd)
+        os.close(new)
 
 
 def _run(fn, *args, **kwargs):

@@ -289,3 +289,37 @@ def test_a_closed_stdin_is_not_taken_by_the_weights(folder, command):  # noqa: F
     proc = subprocess.run(["bash", "-c", f"{sys.executable} {ROOT / 'cli.py'} {command} --model {folder} <&-"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+
+
+# A shell can hand a command a standard stream that is closed (`2>&-`) or open the wrong way
+# (`2<file`: what a pyenv shim leaves at descriptor 2 after `2>&-`, its own script read-only).
+# Either way the command must do what it does with the streams open.
+BAD_STREAMS = {"closed": "<&- >&- 2>&-", "wrong way": "0>in.txt 1<ro.txt 2<ro.txt"}
+
+
+@pytest.mark.parametrize("streams", BAD_STREAMS)
+def test_standard_streams_closed_or_open_the_wrong_way_are_dev_null(tmp_path, streams):
+    """Each stream alone, without a model: reads see EOF, writes vanish, exit 0 (stderr read-only
+    made every write fail with EBADF: cache-prompt's progress bar ended the run, exit 1, no file)."""
+    (tmp_path / "ro.txt").write_text("not yours\n")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cli; cli._standard_streams(); "
+              "assert sys.stdin.read() == ''; print('out'); sys.stdout.flush(); "
+              "sys.stderr.write('err'); sys.stderr.flush(); open('done', 'w').close()")
+    for redirect in BAD_STREAMS[streams].split():
+        (tmp_path / "done").unlink(missing_ok=True)
+        proc = subprocess.run(["bash", "-c", f'{sys.executable} -c "{script}" {ROOT} {redirect}'], cwd=tmp_path,
+                              capture_output=True, text=True, env=ENV, timeout=60)
+        assert proc.returncode == 0 and (tmp_path / "done").exists(), (redirect, proc.stderr)
+    assert (tmp_path / "ro.txt").read_text() == "not yours\n"
+
+
+@pytest.mark.parametrize("streams", BAD_STREAMS)
+@pytest.mark.parametrize("command", ["cache-prompt out.safetensors -p hello", "generate -p hi -n 3"])
+def test_commands_run_with_every_standard_stream_unusable(folder, tmp_path, streams, command):  # noqa: F811
+    (tmp_path / "ro.txt").write_text("not yours\n")
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} {ROOT / 'cli.py'} {command} --model {folder} "
+                           f"{BAD_STREAMS[streams]}"], cwd=tmp_path, capture_output=True, env=ENV, timeout=120)
+    assert proc.returncode == 0
+    if command.startswith("cache-prompt"):
+        assert (tmp_path / "out.safetensors").stat().st_size > 0
+    assert (tmp_path / "ro.txt").read_text() == "not yours\n"
