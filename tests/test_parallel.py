@@ -495,6 +495,16 @@ def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32):
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost the connection to another rank"), lines
 
 
+def test_serve_ranks_with_other_options_refuse(tmp_path, demo32):
+    """Each rank runs its own copy of the command: engines configured differently would step apart."""
+    cmd = CLI + ["serve", "-m", str(demo32), "--port", str(free_ports(1)[0]), "--max-batch"]
+    results = run_ranks(tmp_path, [cmd + ["8"], cmd + ["9"]], env={"PYTHONPATH": str(HERE.parent)})
+    assert [rc for rc, _, _ in results] == [2, 2], results
+    for rank, (_, _, err) in enumerate(results):
+        line = _one_error_line(err)
+        assert line.startswith(f"error: rank {rank}: ranks [1] were started with other serve options"), line
+
+
 def test_engine_tick_reaches_the_other_ranks_as_sent():
     """The tick's wire format (kimi_mlx/server/lockstep.py): what rank 0 sends is what a rank
     receives (a payload whose byte length is no multiple of 4); an idle tick is the header alone;

@@ -229,7 +229,8 @@ class Engine:
         """Start a turn: take in the requests submitted since the last one and the cancellations
         (rank 0 decides them and sends them to the other ranks, which take them in the same way).
         False: the engine stops (stopping, and nothing is left to finish)."""
-        mine = digest((self.waiting, self.prefilling, self.rows), len(self.state_cache or ()))
+        mine = digest((self.waiting, self.prefilling, self.rows), len(self.state_cache or ())) \
+            if self.lockstep.ranks > 1 else 0
         if self.lockstep.follower:
             tick = self.lockstep.receive(mine)
             new = [Request(ids=f["ids"], max_tokens=f["max_tokens"], sampling=SamplingParams(**f["sampling"]),
@@ -258,8 +259,8 @@ class Engine:
         self.fatal = peer_error(error) or (error if isinstance(error, KimiError) else RankError(
             f"rank {self.lockstep.rank}: an engine step failed ({type(error).__name__}: {error}); the ranks "
             "cannot go on out of step: stopping"))
-        if not isinstance(error, KimiError) and peer_error(error) is None:
-            log.error("engine step failed:\n%s", traceback.format_exc())
+        if self.lockstep.rank == 0 and not isinstance(error, KimiError) and peer_error(error) is None:
+            log.error("engine step failed:\n%s", traceback.format_exc())  # a bug: the server's log gets where
         with self.cond:
             self.stopping = True
             reqs = [*self.incoming, *self.waiting, *self.prefilling, *self.rows,
