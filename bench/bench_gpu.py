@@ -20,9 +20,12 @@ table is printed last and written as JSON to $OUT/bench_gpu.json or --out):
              of the step (each op evaluated on its own: the times add up to more than the step,
              but show where it goes).
   prefill    time to first token (TTFT) and prompt tok/s for prompts of 1k..128k tokens through
-             each library's generate loop; a size runs only when its time predicted from the
-             previous size fits the per-size cap and the call's deadline (--budget).
-  memory     peak memory of our largest prefill against `kimi-mlx plan` for that context.
+             each library's generate loop; ours up to the largest size whose predicted time fits
+             --prefill-cap and the call's deadline (--budget), mlx-lm's while under --theirs-cap;
+             then our variants at 4k (--prefill-steps, --prefill-experts, --prefill-combos).
+  memory     per prefill size: our peak, the memory resident before it, against `kimi-mlx plan`
+             for that context (mlx-lm's model beside ours keeps the pre-fusion copies of our
+             decode-fused weights: counted and taken off, see fused_duplicate_bytes).
   agreement  float32 activations (float parameters cast, same quantized weights), 16 tokens:
              relative difference of our logits against mlx-lm's, top-1 agreement.
   mx_fast    mlx-lm with mx.fast.gated_delta_update substituted for its KDA (closer to what a
@@ -34,6 +37,7 @@ Not a test: timings are never asserted.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -215,22 +219,27 @@ def decode_path(name: str | None):
 
 
 @contextmanager
-def forced(kda: str | None = None, experts: str | None = None):
-    """Our KDA path / expert path forced for a while (kimi_mlx's own switches)."""
+def forced(kda: str | None = None, experts: str | None = None, kernels: str | None = None):
+    """Our KDA path / expert path / kernel mode forced for a while (kimi_mlx's own switches)."""
     from kimi_mlx.experts import set_expert_path
-    from kimi_mlx.kda import set_kda_path
+    from kimi_mlx.kda import set_kda_path, set_kernel_mode
 
     set_kda_path(kda)
     set_expert_path(experts)
+    set_kernel_mode(kernels)
     try:
         yield
     finally:
         set_kda_path(None)
         set_expert_path(None)
+        set_kernel_mode(None)
 
 
-# Our variants measured beside the default (name -> context manager factory).
-DECODE_VARIANTS = {"ours-eager": lambda: decode_path("eager"), "ours-kda-naive": lambda: forced(kda="naive")}
+# Our variants measured beside the default (name -> context manager factory): the KDA layer's
+# one-kernel decode step against its ops step, and the experts' direct path against mlx-lm's
+# SwitchGLU (the reference). The eager decode path is timed in the step section.
+DECODE_VARIANTS = {"ours-kernels-ops": lambda: forced(kernels="ops"),
+                   "ours-experts-gather": lambda: forced(experts="gather")}
 
 
 def decode_run(lib: str, model, cache, n_tokens: int, token: int = 1, gen_kwargs=None) -> float:
@@ -474,15 +483,104 @@ def agreement(ours, theirs, config, n_tokens: int = 16) -> dict:
 
 # --------------------------------------------------------------------------------------------
 
+def prefill_section(ours, theirs, config: dict, sizes, a, deadline: Deadline) -> dict:
+    """TTFT and prompt tok/s per size, ours to the largest size the time allows, mlx-lm while one
+    run is predicted under --theirs-cap; then our variants (prefill step, expert path) at 4k.
+    Memory per run: the active memory before it (what stays resident) and the peak during it."""
+    rows, rate = {}, {"ours": None, "theirs": None}
+    warm = mx.random.randint(0, config["vocab_size"], (256,))
+    for lib, model in (("ours", ours), ("theirs", theirs)):
+        ttft_run(lib, model, config, warm)
+    caps = {"ours": a.prefill_cap, "theirs": a.theirs_cap}
+    for T in sizes:
+        prompt = mx.random.randint(0, config["vocab_size"], (T,), key=mx.random.key(T))
+        row = {}
+        for lib, model in (("ours", ours), ("theirs", theirs)):
+            predicted = T / rate[lib] if rate[lib] else 10.0
+            if predicted > caps[lib] or not deadline.allows(predicted + 20):
+                row[lib] = {"skipped": f"predicted {predicted:.0f} s"}
+                continue
+            reps = 2 if T <= 4096 else 1
+            times, peaks, resident = [], [], []
+            for _ in range(reps):
+                gc.collect()
+                mx.clear_cache()
+                resident.append(mx.get_active_memory())
+                mx.reset_peak_memory()
+                times.append(ttft_run(lib, model, config, prompt))
+                peaks.append(mx.get_peak_memory())
+            t = min(times)
+            rate[lib] = T / t
+            row[lib] = {"ttft_s": t, "tok_s": T / t, "peak_gib": max(peaks) / 2**30,
+                        "resident_gib": max(resident) / 2**30, "runs_s": times}
+        if "tok_s" in row.get("ours", {}) and "tok_s" in row.get("theirs", {}):
+            row["ratio"] = row["ours"]["tok_s"] / row["theirs"]["tok_s"]
+        rows[T] = row
+        print(f"prefill {T}: {row}", flush=True)
+    variants = [(f"step_{s}", {"prefill_step": int(s)}, None) for s in a.prefill_steps.split(",") if s]
+    variants += [(f"experts_{e}", {}, e) for e in a.prefill_experts.split(",") if e]
+    variants += [(f"step_{c.split(':')[0]}+experts_{c.split(':')[1]}", {"prefill_step": int(c.split(":")[0])},
+                  c.split(":")[1]) for c in a.prefill_combos.split(",") if c]
+    T = sizes[1]
+    prompt = mx.random.randint(0, config["vocab_size"], (T,), key=mx.random.key(T))
+    for name, kw, experts in variants:
+        if not deadline.allows(3 * T / (rate["ours"] or 100)):
+            continue
+        with forced(experts=experts):
+            ttft_run("ours", ours, config, prompt[:kw.get("prefill_step", DEFAULT_PREFILL_STEP) + 1], **kw)
+            gc.collect()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            t = ttft_run("ours", ours, config, prompt, **kw)
+        rows[T][f"ours_{name}"] = {"ttft_s": t, "tok_s": T / t, "peak_gib": mx.get_peak_memory() / 2**30}
+        print(f"prefill {T}, ours with {name}: {T / t:.0f} tok/s", flush=True)
+    return rows
+
+
+def fused_duplicate_bytes(model) -> int:
+    """Bytes of our decode-fused weight buffers (kimi_mlx.decode FusedParams). In normal use the
+    layers' weights become views of them (no extra memory); here mlx-lm's model still holds the
+    original arrays, so in this bench they are a second copy resident beside the shared weights."""
+    n = 0
+    for layer in model.layers:
+        for key in ("_decode_fusions", "_mla_fusion", "_mlp_fusion"):
+            f = layer.__dict__.get(key)
+            for fp in (f if isinstance(f, list) else [f]) if f is not None else []:
+                n += sum(x.nbytes for x in fp._arrays)
+    return n
+
+
+def memory_rows(ours, config: dict, prefill: dict) -> dict:
+    """Our peak per prefill size against `kimi-mlx plan` for that context (same prefill step).
+    over_plan: the peak less this bench's own extras (mlx-lm's model is loaded beside ours and
+    holds the pre-fusion weights: fused_duplicate_bytes) over the plan's total."""
+    dup = fused_duplicate_bytes(ours)
+    out = {}
+    for T, row in prefill.items():
+        r = row.get("ours", {})
+        if "peak_gib" not in r:
+            continue
+        plan = plan_memory(config, T + 1, prefill_step=DEFAULT_PREFILL_STEP, memory_bytes=1 << 40)
+        peak = r["peak_gib"] - dup / 2**30
+        out[T] = {"peak_gib": r["peak_gib"], "resident_gib": r["resident_gib"], "bench_duplicates_gib": dup / 2**30,
+                  "plan_gib": plan.total / 2**30, "plan_weights_gib": plan.weights / 2**30,
+                  "plan_activations_gib": plan.activations / 2**30,
+                  "plan_caches_gib": (plan.kda_states + plan.latent_cache) / 2**30, "over_plan": peak / (plan.total / 2**30)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model (checks this script on the CPU)")
     ap.add_argument("--only", default="decode,breakdown,prefill,memory,agreement,mx_fast")
-    ap.add_argument("--budget", type=float, default=460.0, help="seconds this call may take in all")
-    ap.add_argument("--prefill-cap", type=float, default=150.0, help="seconds one prefill may take")
+    ap.add_argument("--budget", type=float, default=500.0, help="seconds this call may take in all")
+    ap.add_argument("--prefill-cap", type=float, default=90.0, help="seconds one prefill of ours may take")
+    ap.add_argument("--theirs-cap", type=float, default=60.0, help="seconds one prefill of mlx-lm's may take")
     ap.add_argument("--runs", type=int, default=5, help="decode runs per library and context")
     ap.add_argument("--out", default=None)
     ap.add_argument("--prefill-steps", default="", help="also time our prefill of 4k at these steps (e.g. 1024,2048)")
+    ap.add_argument("--prefill-combos", default="", help="also time our prefill of 4k at STEP:EXPERT_PATH pairs "
+                    "(e.g. 2048:grouped)")
     ap.add_argument("--prefill-experts", default="", help="also time our prefill of 4k with these expert paths")
     a = ap.parse_args()
     deadline = Deadline(a.budget)
@@ -556,51 +654,10 @@ def main() -> None:
                   f"{r['graph_nodes']} nodes ({r['kernel_nodes']} kernels)", flush=True)
 
     if "prefill" in sections or "memory" in sections:
-        rows, rate = {}, {"ours": None, "theirs": None}
-        warm = mx.random.randint(0, config["vocab_size"], (256,))
-        for lib, model in (("ours", ours), ("theirs", theirs)):
-            ttft_run(lib, model, config, warm)
-        for T in prefill_sizes:
-            prompt = mx.random.randint(0, config["vocab_size"], (T,), key=mx.random.key(T))
-            row = {}
-            for lib, model in (("ours", ours), ("theirs", theirs)):
-                predicted = T / rate[lib] if rate[lib] else 10.0
-                if predicted > a.prefill_cap or not deadline.allows(predicted + 20):
-                    row[lib] = {"skipped": f"predicted {predicted:.0f} s"}
-                    continue
-                mx.clear_cache()
-                mx.reset_peak_memory()
-                reps = 3 if T <= 1024 else 2 if T <= 4096 else 1
-                times = [ttft_run(lib, model, config, prompt) for _ in range(reps)]
-                t = statistics.median(times)
-                rate[lib] = T / t
-                row[lib] = {"ttft_s": t, "tok_s": T / t, "peak_gib": mx.get_peak_memory() / 2**30}
-            if "tok_s" in row.get("ours", {}) and "tok_s" in row.get("theirs", {}):
-                row["ratio"] = row["ours"]["tok_s"] / row["theirs"]["tok_s"]
-            rows[T] = row
-            print(f"prefill {T}: {row}", flush=True)
-            result["prefill"] = rows
-            save()
-        variants = [(f"step_{s}", {"prefill_step": int(s)}, None) for s in a.prefill_steps.split(",") if s]
-        variants += [(f"experts_{e}", {}, e) for e in a.prefill_experts.split(",") if e]
-        T = prefill_sizes[1]
-        prompt = mx.random.randint(0, config["vocab_size"], (T,), key=mx.random.key(T))
-        for name, kw, experts in variants:
-            if not deadline.allows(3 * T / (rate["ours"] or 100)):
-                continue
-            with forced(experts=experts):
-                ttft_run("ours", ours, config, prompt[:kw.get("prefill_step", 512) + 1], **kw)
-                t = ttft_run("ours", ours, config, prompt, **kw)
-            rows[T][f"ours_{name}"] = {"ttft_s": t, "tok_s": T / t}
-            print(f"prefill {T}, ours with {name}: {T / t:.0f} tok/s", flush=True)
-        done = [T for T in rows if "peak_gib" in rows[T].get("ours", {})]
-        if done:
-            T = max(done)
-            plan = plan_memory(config, T + 1, prefill_step=DEFAULT_PREFILL_STEP, memory_bytes=1 << 40)
-            peak = rows[T]["ours"]["peak_gib"]
-            result["memory"] = {"context": T, "peak_gib": peak, "plan_gib": plan.total / 2**30,
-                                "plan_weights_gib": plan.weights / 2**30, "peak_over_plan": peak / (plan.total / 2**30)}
-            print(f"memory: {result['memory']}", flush=True)
+        result["prefill"] = prefill_section(ours, theirs, config, prefill_sizes, a, deadline)
+        result["memory"] = memory_rows(ours, config, result["prefill"])
+        for T, m in result["memory"].items():
+            print(f"memory, prefill {T}: {m}", flush=True)
         save()
 
     if "agreement" in sections and deadline.allows(15):
@@ -667,10 +724,10 @@ def print_table(r: dict, contexts) -> None:
         for k, v in row.items():
             if k.startswith("ours_"):
                 print(f"| (ours, {k[5:]}) | {cell(v)} | | |")
-    m = r.get("memory")
-    if m:
-        print(f"| peak memory, prefill {m['context']} (GiB) | {m['peak_gib']:.1f} (plan {m['plan_gib']:.1f}: "
-              f"{m['peak_over_plan']:.0%}) | | |")
+    for T, m in (r.get("memory") or {}).items():
+        print(f"| peak memory, prefill {T} (GiB) | {m['peak_gib']:.1f} (resident before {m['resident_gib']:.1f}, bench "
+              f"duplicates {m['bench_duplicates_gib']:.2f}); plan {m['plan_gib']:.1f} (activations "
+              f"{m['plan_activations_gib']:.2f}): {m['over_plan']:.0%} | | |")
     g = r.get("agreement")
     if g:
         print(f"| fp32 logits vs mlx-lm, {g['tokens']} tokens | median rel. diff {g['median_rel_diff']:.1e} "
