@@ -683,7 +683,7 @@ def main() -> None:
         print(f"mlx-lm with mx.fast.gated_delta_update: {row}", flush=True)
         save()
 
-    if "breakdown" in sections and deadline.allows(30):
+    if "breakdown" in sections and deadline.allows(60):
         result["breakdown"] = breakdown(ours, config, contexts[0], repeats=5)
         print_breakdown(result["breakdown"])
         save()
