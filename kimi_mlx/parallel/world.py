@@ -129,7 +129,7 @@ class _Watchdog:
             self.send(b"p")
 
 
-def _end(pid: int, grace: float = 5.0) -> None:
+def _end(pid: int, grace: float = 3.0) -> None:
     """SIGTERM `pid` (our parent), then SIGKILL if it still runs after `grace` s: a server's
     SIGTERM handler drains its connections, which wait on the rank that stopped answering."""
     try:

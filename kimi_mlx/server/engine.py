@@ -27,6 +27,7 @@ step ends the engine on every rank (the ranks cannot skip a step together).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -135,6 +136,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self._serials = itertools.count()
         self._gone: set[int] = set()  # serials of the requests the current tick cancels
+        self._ticked = False  # a first tick was taken
         self.fatal: KimiError | None = None  # why the engine ended under ranks (serve raises it)
         self.on_fatal: Callable[[KimiError], None] | None = None  # rank 0: stops the HTTP server
         # counters for /metrics
@@ -206,8 +208,11 @@ class Engine:
                     else:
                         while not (self.incoming or self._busy() or self.stopping):
                             self.cond.wait()
+            # under ranks: a peer that stops answering (no tick, no step) ends this rank; a follower's
+            # wait for rank 0's first tick is not watched (rank 0 starts its HTTP server first)
+            watch = step.watch() if self._ticked or not step.follower else contextlib.nullcontext()
             try:
-                with step.watch():  # under ranks: a peer that stops answering (no tick, no step) ends this rank
+                with watch:
                     if not self._tick():
                         return
                     self._drop_cancelled()
@@ -249,6 +254,7 @@ class Engine:
             tick = Tick([request_fields(r) for r in new] if self.lockstep.ranks > 1 else [], gone, stop)
             self.lockstep.send(tick, mine)
         self._gone = set(tick.gone)  # fixed for this turn (a client may go away meanwhile)
+        self._ticked = True
         return not tick.stop
 
     def _die(self, error: Exception) -> None:
