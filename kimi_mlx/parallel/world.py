@@ -15,7 +15,8 @@ mlx.launch sets MLX_RANK and MLX_HOSTFILE or the backend's own variables). Here:
   * watch_ranks() / progress(): a host that vanishes (power, sleep, cable) closes no socket, and
     the ring backend would wait for it forever; while a generation runs (steps are in lockstep;
     loading is not: a slow disk is not a hang), a forked watchdog ends this rank with one line when
-    no step made progress for $KIMI_MLX_STEP_TIMEOUT s (300).
+    no step made progress for $KIMI_MLX_STEP_TIMEOUT s (300): SIGTERM, then SIGKILL 3 s later (a
+    server's SIGTERM handler would wait for connections that wait on the lost rank).
 """
 
 from __future__ import annotations
