@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
@@ -72,7 +73,15 @@ def _devnull_at(fd: int, mode: int) -> None:
 
 
 def _run(fn, *args, **kwargs):
-    from kimi_mlx.errors import KimiError
+    """Run a command's library call: SIGTERM and SIGHUP stop it as Ctrl-C does (see _stop_signals)."""
+    with _stop_signals():
+        return _run_plain(fn, *args, **kwargs)
+
+
+def _run_plain(fn, *args, **kwargs):
+    """The one place library exceptions become one line and an exit code. Signals keep their
+    handlers: serve's (uvicorn drains its connections on SIGTERM) calls this directly."""
+    from kimi_mlx.errors import KimiError, Terminated
 
     _standard_streams()
     try:
@@ -80,9 +89,12 @@ def _run(fn, *args, **kwargs):
     except KimiError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        try:  # SIGHUP: the terminal may be gone
+            typer.echo(f"terminated ({e})" if isinstance(e, Terminated) else "interrupted", err=True)
+        except OSError:
+            pass
+        raise typer.Exit(e.exit_code if isinstance(e, Terminated) else 130) from None
     except RuntimeError as e:  # under mlx.launch: a rank that died is one line here, not a traceback
         from kimi_mlx.parallel import peer_error
 
@@ -104,6 +116,44 @@ def _run(fn, *args, **kwargs):
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+@contextmanager
+def _stop_signals():
+    """SIGTERM (kill, a service manager) and SIGHUP (the terminal closed) raise errors.Terminated,
+    a KeyboardInterrupt, so they stop a command as Ctrl-C does: convert keeps its complete shards
+    and says to run again, a file being written is removed, one line and exit 128 + signal instead
+    of a silent death. A second signal ends the process at once (default action restored).
+
+    Not under mlx.launch: a rank blocked in a collective never returns to Python to run a handler,
+    and the rank watchdogs end a hung rank with SIGTERM (kimi_mlx/parallel/world.py). Only the main
+    thread can set handlers (a library caller on another thread keeps its own)."""
+    import signal
+    import threading
+
+    from kimi_mlx.parallel.world import launched
+
+    if threading.current_thread() is not threading.main_thread() or launched():
+        yield
+        return
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+
+    def stop(signum, frame):
+        from kimi_mlx.errors import Terminated
+
+        for n in numbers:
+            signal.signal(n, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {n: signal.signal(n, stop) for n in numbers}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
 
 
 @app.command()
@@ -264,8 +314,9 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health, metrics)."""
     from kimi_mlx.server.serve import serve as run_server
 
-    _run(run_server, model, host, port, api_key, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
-         kv_bits=kv_bits, state_cache_mb=state_cache_mb, spill_dir=spill_dir, spill_mb=spill_mb)
+    _run_plain(run_server, model, host, port, api_key, max_batch=max_batch, max_queue=max_queue,
+               max_tokens=max_tokens, kv_bits=kv_bits, state_cache_mb=state_cache_mb, spill_dir=spill_dir,
+               spill_mb=spill_mb)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -95,17 +95,21 @@ def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions
             _check_disk(dst.parent, plan.total_bytes)
         partial.mkdir(exist_ok=True)
         with locked(partial, dst):
-            progress = Progress.resume(partial, plan, log)
-            _check_disk(partial, plan.total_bytes - progress.bytes_done())
-            try:
+            progress = None
+            try:  # Ctrl-C, SIGTERM, SIGHUP (the CLI raises KeyboardInterrupt for all three)
+                progress = Progress.resume(partial, plan, log)  # hashes the kept shards: can take minutes
+                _check_disk(partial, plan.total_bytes - progress.bytes_done())
                 _write_shards(source, plan, partial, progress)
+                _write_metadata(source, plan, partial)
             except KeyboardInterrupt:
-                log(f"stopped: {len(progress.shards)} of {len(plan.shards)} shards kept in {partial}; "
-                    "run the same command again to resume")
+                kept = ("its complete shards" if progress is None
+                        else f"{len(progress.shards)} of {len(plan.shards)} shards")
+                log(f"stopped: {kept} kept in {partial}; run the same command again to resume")
                 raise
-            _write_metadata(source, plan, partial)
-            progress.remove()
             _commit(partial, dst)
+            # After the rename, not before: DST.partial without its record would be refused as
+            # someone else's folder by the next run, had it stopped in between.
+            (dst / PROGRESS).unlink(missing_ok=True)
     except OSError as e:  # what writer._guard does not name (metadata, folders, the final rename)
         raise io_error(Path(e.filename) if e.filename else partial, e) from None
     return Summary(dst, source.folder, opts.describe(), plan.total_bytes, len(plan.shards), plan.num_params,

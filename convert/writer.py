@@ -199,9 +199,6 @@ class Progress:
         _guard(tmp, lambda: tmp.write_text(text))
         os.replace(tmp, self.path)
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def _describe(source) -> str:
     if not isinstance(source, dict):

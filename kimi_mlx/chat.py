@@ -24,7 +24,7 @@ from typing import Iterator, TextIO
 
 import mlx.core as mx
 
-from .errors import KimiError
+from .errors import KimiError, Terminated
 from .files import MAX_PROMPT_BYTES
 from .generate import (DEFAULT_PREFILL_STEP, PROGRESS_MIN_TOKENS, GenerationResponse, check_context, check_kv_bits_of,
                        check_sampling, stream_generate)
@@ -343,6 +343,9 @@ def _stream_reply(session: ChatSession, term: _Terminal, stream: Iterator[Genera
     try:
         for last in stream:
             term.write(last.text)
+    except Terminated:  # SIGTERM / SIGHUP: the process is asked to end, not the reply
+        stream.close()
+        raise
     except KeyboardInterrupt:
         stream.close()
         term.write("\n")
@@ -397,6 +400,8 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
     while True:
         try:
             line = term.read()
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             term.write("\n")
             return 0
@@ -434,6 +439,8 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             term.note(f"error: {where}{e.strerror or e}")
+        except Terminated:  # SIGTERM / SIGHUP end the session (the CLI says so); a /save under way left no file
+            raise
         except KeyboardInterrupt:  # Ctrl-C during a command (e.g. /save): the session is unchanged
             term.note("[interrupted]")
         except Exception as e:  # a bug, not a user error: say so in one line, keep the conversation

@@ -66,17 +66,19 @@ def prefill_all(model, tokens, cache, step: int = DEFAULT_PREFILL_STEP, progress
         from tqdm import tqdm
 
         bar = tqdm(total=T, unit="tok", desc="prefill", file=sys.stderr, dynamic_ncols=True)
-    for start in range(0, T, step):
-        end = min(start + step, T)
-        # The layers only (no final norm, no lm_head row): evaluating the caches' states computes
-        # exactly what later steps need, nothing else (not even the last layer's MLP).
-        model.model(tokens[None, start:end], cache)
-        mx.eval([c.state for c in cache])  # bound memory: materialise this step's states
-        mx.clear_cache()  # the step's freed buffers go back (as mlx-lm): memory of one step
+    try:
+        for start in range(0, T, step):
+            end = min(start + step, T)
+            # The layers only (no final norm, no lm_head row): evaluating the caches' states computes
+            # exactly what later steps need, nothing else (not even the last layer's MLP).
+            model.model(tokens[None, start:end], cache)
+            mx.eval([c.state for c in cache])  # bound memory: materialise this step's states
+            mx.clear_cache()  # the step's freed buffers go back (as mlx-lm): memory of one step
+            if bar is not None:
+                bar.update(end - start)
+    finally:  # also when stopped (Ctrl-C, SIGTERM): the bar ends its line before the CLI's note
         if bar is not None:
-            bar.update(end - start)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,

@@ -107,8 +107,8 @@ def save_state_file(path: str | os.PathLike, model, tokens: list[int], cache: li
     try:
         # A fresh name beside the target (never a name someone's file may have); the suffix keeps
         # MLX from appending .safetensors. An OSError here names the reason (read-only file system, ...).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.safetensors")
-        tmp = Path(tmp)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.safetensors")
+        tmp = Path(name)  # one step: a signal in between must not leave `tmp` a str for the cleanup below
         os.close(fd)
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
         os.replace(tmp, path)

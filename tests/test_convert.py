@@ -201,6 +201,46 @@ def test_interrupted_conversion_resumes_byte_identical(ref32, tmp_path, monkeypa
     assert not partial.exists()
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_mid_conversion_says_how_to_resume_and_resumes(ref32, tmp_path, monkeypatch, signum):
+    """kill (SIGTERM) and a closed terminal (SIGHUP) stop a conversion as Ctrl-C does: the complete
+    shards kept, one 'run again to resume' line, exit 128 + signal; SIGTERM died silently before."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    number = getattr(signal, signum)
+    calls, real_write = [0], writer.ShardWriter.write
+
+    def signalled_in_third_shard(self, piece):
+        if self.path.name.startswith("model-00003"):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), number)
+        real_write(self, piece)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", signalled_in_third_shard)
+    args = ["convert", str(ref32.folder), str(tmp_path / "dst"), "--bits", "4", "--group-size", "32",
+            "--max-shard-gb", str(TINY_SHARD_GB)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 128 + number, result.output
+    lines = [line for line in result.stderr.splitlines() if "stopped" in line or "interrupted" in line
+             or "terminated" in line]
+    assert re.search(r"stopped: 2 of \d+ shards kept in .*dst\.partial; run the same command again to resume",
+                     result.stderr), result.stderr
+    assert lines[-1] == ("interrupted" if signum == "SIGINT" else f"terminated ({signum})"), result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "dst").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the CLI's handlers are gone after the command
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "resuming" in again.stderr, again.output
+    assert files(tmp_path / "dst") == files(run(ref32.folder, tmp_path / "clean",
+                                                 ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)).dst)
+
+
 class FullDisk:
     """A file on a disk that fills up after `room` bytes: writes then fail with ENOSPC, and so
     does close() (the buffered bytes cannot be flushed), as on a real full file system."""
