@@ -113,6 +113,19 @@ class TokenIdError(KimiError, ValueError):
     """A token id the tokenizer does not have."""
 
 
+def as_token_id(value: Any) -> int:
+    """One token id as an int: a Python or numpy integer, or a 0-d integer MLX/numpy array.
+    Anything else is a TokenIdError: a float (1.5 is not an id; int() truncated it to 1), a
+    bool (True read as 1), text ("5"), None, a list. The range is the caller's to check."""
+    if not isinstance(value, numbers.Integral) and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()  # a 0-d array (iterating an mx.array yields these): its Python value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise TokenIdError(f"token id {shown} is not a whole number (token ids are ints, "
+                           f"got {type(value).__name__})")
+    return int(value)
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -345,6 +358,9 @@ class KimiTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if isinstance(allow_special, (str, bytes)):  # set("<|im_end|>") would be its characters: none allowed
+            raise TypeError(f"allow_special takes True/False or a set of token strings, not {allow_special!r}; "
+                            f"for one token pass {{{allow_special!r}}}")
         if allow_special is True:
             allowed: AbstractSet[str] | str = "all"
         else:
@@ -355,8 +371,10 @@ class KimiTokenizer:
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token (a special token's bytes are its string). An id outside
-        0..vocab_size-1 is a TokenIdError (a KimiError and a ValueError), never empty text."""
+        """The raw bytes of one token (a special token's bytes are its string). An id that is not
+        a whole number (see token_id) or is outside 0..vocab_size-1 is a TokenIdError (a KimiError
+        and a ValueError), never empty text nor another token's bytes."""
+        token_id = as_token_id(token_id)
         if not 0 <= token_id < self.vocab_size:
             raise TokenIdError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         try:
@@ -364,9 +382,16 @@ class KimiTokenizer:
         except KeyError:
             raise TokenIdError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})") from None
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; invalid UTF-8 (a sequence cut mid-character) becomes U+FFFD."""
-        ids = [int(i) for i in ids]
+    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list/array [T] of ids, or one id); invalid UTF-8 (a sequence cut
+        mid-character) becomes U+FFFD. An id that is not a whole number (1.5, True, "5", a
+        nested list) or is outside the vocabulary is a TokenIdError: int() would have read
+        1.5 as 1 and True as 1, and iterating "15" decodes ids 1 and 5."""
+        if hasattr(ids, "tolist"):  # an MLX or numpy array: its values, not 0-d arrays
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            ids = [ids]  # one id (checked below: text or a mapping is refused there)
+        ids = [as_token_id(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.skip_ids]
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
@@ -618,8 +643,10 @@ class StreamingDetokenizer:
         self.offset = 0
 
     def add_token(self, token_id: int) -> str:
-        """Feed one id; return the text it completed ("" while a character is partial)."""
-        token_id = int(token_id)
+        """Feed one id; return the text it completed ("" while a character is partial).
+        A bad id (see KimiTokenizer.token_bytes) is a TokenIdError and changes nothing."""
+        token_id = as_token_id(token_id)
+        self._tokenizer.token_bytes(token_id)  # checked before it joins self.tokens
         self.tokens.append(token_id)
         if token_id in self._skip:
             return ""

@@ -10,6 +10,7 @@ import math
 import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from test_generate import CONFIG
 from test_generate import folder as folder  # noqa: F401 (fixture)
@@ -20,6 +21,7 @@ from kimi_mlx import KimiError, generate, stream_generate
 from kimi_mlx.cli import app
 from kimi_mlx.config import ModelArgs
 from kimi_mlx.generate import check_sampling
+from kimi_mlx.tokenizer import TokenIdError
 
 
 def one_line_exit_2(result, *needles):
@@ -160,6 +162,47 @@ def test_decoding_an_id_past_the_tokenizer_is_refused(loaded):
             tok.decode([65, bad])
         with pytest.raises(KimiError, match="outside the vocabulary"):
             tok.detokenizer().add_token(bad)
+
+
+BAD_ID_VALUES = [1.5, 65.0, True, False, "5", None, [65], mx.array(1.5), mx.array([65])]
+
+
+@pytest.mark.parametrize("bad", BAD_ID_VALUES, ids=repr)
+def test_token_ids_that_are_not_whole_numbers_are_refused_by_the_tokenizer(loaded, bad):
+    """decode([1.5]) decoded id 1, True id 1, "15" ids 1 and 5, silently (int() on each)."""
+    _, tok = loaded
+    with pytest.raises(TokenIdError, match="is not a whole number"):
+        tok.decode([65, bad])
+    with pytest.raises(TokenIdError, match="is not a whole number"):
+        tok.token_bytes(bad)
+    detok = tok.detokenizer()
+    with pytest.raises(TokenIdError, match="is not a whole number"):
+        detok.add_token(bad)
+    assert detok.tokens == []  # a refused id is not kept
+
+
+@pytest.mark.parametrize("ids", ["15", mx.array([1.5, 2.0]), np.array([65.0]), np.array([[65, 66]]), {"a": 65}])
+def test_decode_of_containers_of_the_wrong_kind_is_refused(loaded, ids):
+    _, tok = loaded
+    with pytest.raises(TokenIdError):
+        tok.decode(ids)
+
+
+def test_decode_takes_ints_and_integer_arrays(loaded):
+    _, tok = loaded
+    want = bytes([65, 66]).decode()  # the byte-level test tokenizer: ids 65, 66 are b"A", b"B"
+    for ids in ([65, 66], (65, 66), mx.array([65, 66]), np.array([65, 66], dtype=np.int64), range(65, 67),
+                [np.int32(65), mx.array(66)]):
+        assert tok.decode(ids) == want
+    assert tok.decode(65) == "A" and tok.decode(np.int64(66)) == "B"
+
+
+def test_allow_special_as_one_string_is_refused(loaded):
+    """set("<|im_end|>") is its characters: no control token allowed, silently."""
+    _, tok = loaded
+    with pytest.raises(TypeError, match="set of token strings"):
+        tok.encode("<|im_end|>", allow_special="<|im_end|>")
+    assert tok.encode("<|im_end|>", allow_special={"<|im_end|>"}) == [tok.token_to_id("<|im_end|>")]
 
 
 # ---------------------------------------------------------------- sampling options
