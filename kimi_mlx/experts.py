@@ -40,6 +40,12 @@ _switch = PathSwitch("expert path", ENV_VAR, EXPERT_PATHS)
 # 64, 2.5x at 512; below, per-expert op overhead wins. Quantized experts gain nothing (0.9-1.0x:
 # the CPU's quantized matmul is the bound either way), so they keep the gather path.
 CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
+# On CUDA, prefill of quantized experts takes the grouped path from this many rows per expert on
+# average (None: never, the gather matmuls as on Metal). Why it may win there: MLX's CUDA
+# GatherQMM runs every (token, expert) row as its own matrix-vector product (gather_qmv), while
+# the grouped path's per-expert quantized_matmul is a GEMM; Metal's gather_qmm already segments
+# sorted rows into GEMMs, so Metal keeps the gather path. Set from bench_gpu.py's prefill variants.
+CUDA_GROUPED_MIN_ROWS_PER_EXPERT: int | None = None
 # GPUs keep gather for now. On the H200 one gather_qmm over a 512-token prefill step's 4096 sorted
 # (token, expert) rows took ~4.3 ms (bench/gpu/NOTES.md, run 1), ~1 us per row, and ~1 GiB of
 # scratch: the grouped path (KIMI_MLX_EXPERT_PATH=grouped, a quantized_matmul per expert) may beat
@@ -65,6 +71,9 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
         if isinstance(mlp.gate_proj, QuantizedSwitchLinear):
             return "direct"  # the CPU's quantized matmul is the bound either way
         return "grouped" if rows >= CPU_GROUPED_MIN_ROWS_PER_EXPERT * experts else "direct"
+    cuda_rows = CUDA_GROUPED_MIN_ROWS_PER_EXPERT
+    if cuda_rows is not None and not mx.metal.is_available() and rows >= cuda_rows * experts:
+        return "grouped"  # CUDA prefill: see CUDA_GROUPED_MIN_ROWS_PER_EXPERT
     return "direct"  # a GPU: Metal's gather_mm segments sorted rows itself; CUDA see above
 
 

@@ -115,6 +115,20 @@ def test_auto_path_on_a_gpu_is_direct(monkeypatch):
     assert get_expert_path(mlp, 8) == "direct"
 
 
+@pytest.mark.parametrize("metal", [True, False])
+def test_cuda_prefill_rule(monkeypatch, metal):
+    """CUDA_GROUPED_MIN_ROWS_PER_EXPERT sends CUDA prefill (not decode, not Metal) to grouped."""
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: metal)
+    monkeypatch.setattr(experts, "CUDA_GROUPED_MIN_ROWS_PER_EXPERT", 4)
+    mlp, *_ = make_case(1)  # 16 experts
+    assert get_expert_path(mlp, 8) == "direct"
+    assert get_expert_path(mlp, 4 * 16 - 1) == "direct"
+    assert get_expert_path(mlp, 4 * 16) == ("direct" if metal else "grouped")
+    monkeypatch.setattr(experts, "CUDA_GROUPED_MIN_ROWS_PER_EXPERT", None)
+    assert get_expert_path(mlp, 10**6) == "direct"
+
+
 def _graph_ops(out: mx.array, tmp_path) -> list[str]:
     path = str(tmp_path / "g.dot")
     mx.export_to_dot(path, out)
