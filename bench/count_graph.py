@@ -59,6 +59,20 @@ def _rms_norm_as_on_gpu(x, weight, eps):
     return mx.softmax(x, axis=-1)
 
 
+def _kda_layer_kernel_stand_in(qkv, windows, conv_w, f, b, A_log, dt_bias, gate, norm_w, eps, state):
+    """Stands in for the KDA Layer kernel (kimi_mlx.kda.kda_decode_layer, ONE kernel on a GPU
+    once its self-check passes; the CPU has no such kernel): one Concatenate of its activation
+    inputs, whose views give y and the windows, and one elementwise kernel for the new state, so
+    a count with it is at most one kernel per KDA layer above a GPU's."""
+    B, T = qkv.shape[:2]
+    H, Dv = gate.shape[-2:]
+    z = mx.concatenate([qkv.reshape(B, -1), f.reshape(B, -1), b.reshape(B, -1), gate.reshape(B, -1)], axis=-1)
+    y = z[:, : H * Dv].reshape(B, T, H, Dv)
+    K1 = windows[0].shape[1]
+    new_windows = [z[:, None, : w.shape[-1]] * mx.ones((1, K1, 1), dtype=w.dtype) for w in windows]
+    return y, new_windows, state * 0.5
+
+
 def graph_ops(*outputs) -> list[str]:
     """The primitive name of every node of the lazy graph behind `outputs`."""
     with tempfile.NamedTemporaryFile("w", suffix=".dot", delete=False) as f:
@@ -145,11 +159,18 @@ def main() -> None:
     ap.add_argument("--paths", default="compiled,eager", help="our decode paths to count")
     ap.add_argument("--rms-norm", choices=("gpu", "cpu"), default="gpu",
                     help="count mx.fast.rms_norm as one kernel as on a GPU (default) or as the CPU expands it")
+    ap.add_argument("--kda-kernel", action="store_true",
+                    help="count our KDA layers with the one-kernel decode step (a stand-in; <= +1 kernel per layer)")
     ap.add_argument("--ops", action="store_true", help="print each kind's op histogram, ours vs mlx-lm")
     a = ap.parse_args()
     mx.set_default_device(mx.cpu)
     if a.rms_norm == "gpu":
         mx.fast.rms_norm = _rms_norm_as_on_gpu  # before any trace is made
+    if a.kda_kernel:
+        import kimi_mlx.kda_layer as kl
+
+        kl.layer_kernel_ready = lambda *args: True
+        kl.kda_decode_layer = _kda_layer_kernel_stand_in
     config = quantized_config(SMALL_CONFIG)
     theirs, ours, _ = build_models(config)
     paths = a.paths.split(",")
