@@ -351,6 +351,9 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
     model); `dtype`: the activation dtype when known (else the config's). `ranks` > 1: the plan
     of one rank of the model split `parallel` (tensor | pipeline) by kimi_mlx.parallel, the fullest
     one unless `rank` is given; `folder`: count its safetensors headers for each rank."""
+    from .parallel.load import parallel_mode
+
+    parallel = parallel_mode(parallel)  # checked with one rank too: `plan --parallel bogus` was accepted
     if ranks != 1 and rank is None:
         if not (isinstance(ranks, int) and not isinstance(ranks, bool) and ranks >= 1):
             raise KimiError(f"--ranks {ranks!r}: give a whole number of ranks, at least 1")
@@ -385,10 +388,9 @@ def plan_memory(config: dict | ModelArgs, context: int, kv_bits: int | None = No
     act = DTYPE_BYTES[dtype]
     share, held_layers, state_share = None, range(args.num_hidden_layers), 1.0
     if ranks != 1:
-        from .parallel.load import parallel_mode
         from .parallel.share import held_share, layers_held
 
-        parallel, rank = parallel_mode(parallel), rank or 0
+        rank = rank or 0
         check_split(args, ranks, parallel)
         share = lambda name: held_share(name, args.num_hidden_layers, parallel, ranks, rank)  # noqa: E731
         held_layers, state_share = layers_held(args.num_hidden_layers, parallel, ranks, rank)

@@ -496,7 +496,30 @@ def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(  # noqa: F811
                                        (["--memory-gb", "1e308"], "--memory-gb"),
                                        (["--memory-gb", "nan"], "--memory-gb"), (["--memory-gb", "inf"], "--memory-gb"),
                                        (["--prefill-step", "0"], "prefill step 0"), (["--batch", "0"], "batch 0"),
-                                       (["--kv-bits", "5"], "--kv-bits 5")])
+                                       (["--kv-bits", "5"], "--kv-bits 5"),
+                                       (["--parallel", "bogus"], "parallel mode 'bogus'"),
+                                       (["--parallel", ""], "parallel mode ''")])
 def test_plan_refuses_impossible_amounts(args, flag):
     result = CliRunner().invoke(app, ["plan", "--model", "demo", "--context", "1000", *args])
     one_line_exit_2(result, flag)
+
+
+# ---------------------------------------------------------------- serve
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--port", "-1"], "--port -1"), (["--port", "65536"], "--port 65536"),
+    (["--max-batch", "0"], "--max-batch 0"), (["--max-queue", "-1"], "--max-queue -1"),
+    (["--max-tokens", "0"], "--max-tokens 0"), (["--state-cache-mb", "-1"], "--state-cache-mb -1"),
+    (["--spill-mb", "-5"], "--spill-mb -5"), (["--kv-bits", "3"], "--kv-bits 3"),
+    (["--spill-dir", "__file__"], "not a folder"), (["--spill-dir", ""], "not a folder")])
+def test_serve_refuses_options_outside_their_range_before_loading(args, flag, monkeypatch):
+    """--port -1 was an OverflowError traceback from bind(); --max-batch 0 served requests that
+    waited forever; a --spill-dir that is a file failed after the model had loaded."""
+    from kimi_mlx import loading
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(loading, "resolve_model_path", no_load)
+    args = [__file__ if a == "__file__" else a for a in args]
+    one_line_exit_2(CliRunner().invoke(app, ["serve", "--model", "demo", *args]), flag)

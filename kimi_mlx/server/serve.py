@@ -35,6 +35,34 @@ def make_engine(model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, p
                   kv_bits=kv_bits, state_cache=state_cache, lockstep=lockstep)
 
 
+def check_serve_options(*, port, max_batch, max_queue, max_tokens, prefill_step, kv_bits, state_cache_mb,
+                        spill_dir, spill_mb) -> None:
+    """Refuse a serve option outside its range (a KimiError naming the flag) before the model
+    loads: --port -1 was an OverflowError traceback from bind(), --max-batch 0 a server whose
+    every request waited forever, a --spill-dir that is a file failed after the load."""
+    def whole(value, low, high=None) -> bool:
+        return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+                and (high is None or value <= high))
+
+    rules = [("--port", port, whole(port, 0, 65535), "0..65535 (0: any free port)"),
+             ("--max-batch", max_batch, whole(max_batch, 1), "a whole number >= 1"),
+             ("--max-queue", max_queue, whole(max_queue, 0), "a whole number >= 0"),
+             ("--max-tokens", max_tokens, whole(max_tokens, 1), "a whole number >= 1"),
+             ("--prefill-step", prefill_step, whole(prefill_step, 1), "a whole number >= 1"),
+             ("--state-cache-mb", state_cache_mb, whole(state_cache_mb, 0), "a whole number >= 0 (0: off)"),
+             ("--spill-mb", spill_mb, whole(spill_mb, 0), "a whole number >= 0")]
+    for flag, value, ok, wanted in rules:
+        if not ok:
+            raise KimiError(f"{flag} {value}: must be {wanted}")
+    if kv_bits not in (None, 16, 8, 4):
+        raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4 bits")
+    if spill_dir is not None:
+        from pathlib import Path
+
+        if not str(spill_dir).strip() or (Path(spill_dir).exists() and not Path(spill_dir).is_dir()):
+            raise KimiError(f"--spill-dir {spill_dir!r}: not a folder; give a folder for the spilled snapshots")
+
+
 def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, *,
           max_batch: int = 16, max_queue: int = 64, max_tokens: int = 512, prefill_step: int = 512,
           kv_bits: int | None = None, state_cache_mb: int = 2048, spill_dir: str | None = None,
@@ -45,8 +73,9 @@ def serve(model_path: str = "demo", host: str = "127.0.0.1", port: int = 8080, a
     from ..loading import resolve_model_path
     from ..parallel import launched
 
-    if kv_bits not in (None, 16, 8, 4):
-        raise KimiError(f"--kv-bits {kv_bits}: the latent cache takes 16, 8 or 4 bits")
+    check_serve_options(port=port, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
+                        prefill_step=prefill_step, kv_bits=kv_bits, state_cache_mb=state_cache_mb,
+                        spill_dir=spill_dir, spill_mb=spill_mb)
     folder = resolve_model_path(model_path)
     model, tokenizer = load(str(folder))  # under mlx.launch: this rank's share (kimi_mlx.parallel)
     name = "demo" if model_path == "demo" else model_path
