@@ -58,10 +58,13 @@ class _State:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _clean_text(text: str) -> str:
+def _clean_text(text: str, what: str = "a message") -> str:
     """Lone surrogates (undecodable bytes kept by surrogateescape, half a UTF-16 pair) become one
     U+FFFD each, split pairs are joined: what the tokenizer would encode (tiktoken does the same),
-    and text that can be saved as UTF-8."""
+    and text that can be saved as UTF-8. Anything but a str is a KimiError (was a TypeError from
+    the regex: 'expected string or bytes-like object')."""
+    if not isinstance(text, str):
+        raise KimiError(f"{what} must be text (a str), not {type(text).__name__}")
     if not _SURROGATE.search(text):
         return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -152,7 +155,7 @@ class ChatSession:
 
     def reset(self, system: str | None = None) -> None:
         """Start over, with `system` as the system message (None: none)."""
-        messages = [{"role": "system", "content": _clean_text(system)}] if system else []
+        messages = [{"role": "system", "content": _clean_text(system, "the system message")}] if system else []
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False) if messages else []
         self._state = _State(messages, list(ids), self.model.make_cache(self.kv_bits))
         self._opening: PromptCache | None = None

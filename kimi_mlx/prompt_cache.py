@@ -43,10 +43,18 @@ def model_fingerprint(model) -> str:
 # ---------------------------------------------------------------- state files
 
 
+def file_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path (~ expanded); a value that cannot name a file (None, a number) is a
+    KimiError, not the TypeError of Path()."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise KimiError(f"{path!r}: not a file name (give a str or a path)")
+    return Path(path).expanduser()
+
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if a file can be written there, else a KimiError naming it: a folder (".",
     "/"), a missing folder, or one we may not write in. Call it before long work (a prefill)."""
-    path = Path(path).expanduser()
+    path = file_path(path)
     if "\0" in str(path):
         raise KimiError(f"{str(path)!r}: a file name cannot hold a NUL character")
     if path.name in ("", ".", "..") or path.is_dir():
@@ -123,7 +131,7 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
                     how_to_make: str) -> tuple[list[int], list, dict]:
     """Read a file written by save_state_file for this model: (tokens, cache, metadata).
     A missing or foreign file, or one saved from another model, is a KimiError naming it."""
-    path = Path(path).expanduser()
+    path = file_path(path)
     if not path.is_file():
         raise KimiError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:

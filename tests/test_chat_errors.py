@@ -20,6 +20,7 @@ from test_chat import folder as folder  # noqa: F401 (fixture)
 from test_chat import loaded as loaded  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
+from kimi_mlx import KimiError
 from kimi_mlx import chat as chat_module
 from kimi_mlx.chat import ChatSession, chat_loop
 from kimi_mlx.cli import app
@@ -323,3 +324,21 @@ def test_commands_run_with_every_standard_stream_unusable(folder, tmp_path, stre
     if command.startswith("cache-prompt"):
         assert (tmp_path / "out.safetensors").stat().st_size > 0
     assert (tmp_path / "ro.txt").read_text() == "not yours\n"
+
+
+@pytest.mark.parametrize("value", [5, None, b"hi", ["hi"]], ids=repr)
+def test_chat_api_values_of_the_wrong_kind_are_one_line(loaded, value):  # noqa: F811
+    """ChatSession(system=5) and send(5) were a regex TypeError ('expected string or bytes-like
+    object'); save(None) / load(5) a TypeError from Path(); now KimiError lines naming the value."""
+    model, tok = loaded
+    with pytest.raises(KimiError, match="the system message must be text"):
+        ChatSession(model, tok, system=value or 5)
+    session = ChatSession(model, tok, max_tokens=2)
+    with pytest.raises(KimiError, match="a message must be text"):
+        list(session.send(value))
+    if not isinstance(value, (bytes, list)):  # bytes and lists are paths' business elsewhere
+        with pytest.raises(KimiError, match="not a file name"):
+            session.save(value)
+        with pytest.raises(KimiError, match="not a file name"):
+            session.load(value)
+    assert session.messages == []
