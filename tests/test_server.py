@@ -198,6 +198,16 @@ def test_errors_are_openai_bodies(live):
     assert status == 404 and "/v1/nothing" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64, -2**70])
+def test_a_seed_outside_uint64_is_a_400(live, seed):
+    """mx.random.key takes a uint64: seed -1 passed the request check, then failed the engine
+    step (an empty reply and a traceback in the log)."""
+    status, body = live.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "seed": seed}).encode())
+    assert status == 400 and body["error"]["param"] == "seed", body
+    status, body = live.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "seed": 2**64 - 1}).encode())
+    assert status == 200, body
+
+
 def test_queue_full_is_429(demo):
     """One row, no queue, the engine not turning: the second request is refused at once."""
     s = LiveServer(*demo, max_batch=1, max_queue=0, state_cache_mb=0)

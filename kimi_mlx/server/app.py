@@ -78,7 +78,8 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, list[str]]:
     top_p = float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"))
     top_k = _get(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0")
     min_p = float(_get(body, "min_p", num, 0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]"))
-    seed = _get(body, "seed", int, None, None, "an integer")
+    # mx.random.key takes a uint64: -1 or 2**64 failed the engine step (an empty reply), not the request
+    seed = _get(body, "seed", int, None, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
     _get(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")  # checked only
     stop = body.get("stop")
     if stop is None:
