@@ -1,8 +1,8 @@
 """Reading the small text files of a model folder (config.json, the safetensors index, the
 tokenizer's files) with one-line errors for every way a file can be wrong.
 
-A file can be missing, a folder, unreadable (permissions, I/O), not UTF-8, not JSON, or JSON of
-the wrong kind (a list where an object is expected); each is a ModelFormatError (or the class the
+A file can be missing, a folder, unreadable (permissions, I/O), far too large (a link to
+/dev/zero), not UTF-8, not JSON, or JSON of the wrong kind (a list where an object is expected); each is a ModelFormatError (or the class the
 caller passes) naming the file, what is wrong and what to do, never a traceback.
 """
 
@@ -14,12 +14,37 @@ from pathlib import Path
 from .errors import KimiError, ModelFormatError
 
 
+# The largest small file read whole (config, index, tokenizer files, chat template): the released
+# model's are under 3 MiB (tiktoken.model 2.6 MiB); a file past this is not one of them (a link to
+# /dev/zero, a weights file under the wrong name) and was read until memory ran out (MemoryError).
+MAX_SMALL_FILE_BYTES = 64 << 20
+
+
+def read_bytes(path: str | Path, fix: str, error: type[KimiError] = ModelFormatError,
+               missing: str = "not found") -> bytes:
+    """The file's bytes, at most MAX_SMALL_FILE_BYTES; see read_text for the errors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SMALL_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}; {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a file; {fix}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}); {fix}") from None
+    if len(data) > MAX_SMALL_FILE_BYTES:
+        raise error(f"{path}: larger than {MAX_SMALL_FILE_BYTES >> 20} MiB, so not the small file this name "
+                    f"should be; {fix}")
+    return data
+
+
 def read_text(path: str | Path, fix: str, error: type[KimiError] = ModelFormatError,
               missing: str = "not found") -> str:
     """The file's text (UTF-8). `fix` says what to do; `missing` what a missing file means."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return read_bytes(path, fix, error, missing).decode("utf-8")
     except FileNotFoundError:
         raise error(f"{path}: {missing}; {fix}") from None
     except IsADirectoryError:

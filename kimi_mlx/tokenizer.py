@@ -142,11 +142,9 @@ def read_tiktoken_model(path: Path) -> dict[bytes, int]:
     path = Path(path)
     if not path.exists():
         raise _fail(path, "missing (the tokenizer is tiktoken.model + tokenizer_config.json)", _REDOWNLOAD)
-    try:
-        data = path.read_bytes()
-    except OSError as err:  # a folder of that name, permissions, an I/O error
-        raise _fail(path, "is a folder, not a file" if path.is_dir() else f"cannot be read ({err.strerror or err})",
-                    _REDOWNLOAD) from None
+    from .files import read_bytes
+
+    data = read_bytes(path, _REDOWNLOAD, KimiError)  # a folder, unreadable, /dev/zero: one line
     if data.startswith(b"version https://git-lfs"):
         raise _fail(path, "is a Git LFS pointer, not the vocabulary", "run `git lfs pull` or " + _REDOWNLOAD)
     ranks: dict[bytes, int] = {}

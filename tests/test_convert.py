@@ -241,6 +241,15 @@ def test_a_signal_mid_conversion_says_how_to_resume_and_resumes(ref32, tmp_path,
                                                  ConvertOptions(bits=4, group_size=32, max_shard_gb=TINY_SHARD_GB)).dst)
 
 
+def test_a_progress_record_that_never_ends_is_damaged_not_read_to_the_end(ref32, tmp_path):
+    """DST.partial/convert-progress.json linked to /dev/zero was read until memory ran out; now it
+    is a damaged record: the conversion starts over and completes."""
+    partial = tmp_path / "dst.partial"
+    partial.mkdir()
+    (partial / "convert-progress.json").symlink_to("/dev/zero")
+    assert files(run(ref32.folder, tmp_path / "dst").dst) == files(run(ref32.folder, tmp_path / "clean").dst)
+
+
 class FullDisk:
     """A file on a disk that fills up after `room` bytes: writes then fail with ENOSPC, and so
     does close() (the buffered bytes cannot be flushed), as on a real full file system."""

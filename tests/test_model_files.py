@@ -2,7 +2,7 @@
 
 The files: config.json, model.safetensors.index.json, a safetensors shard, tiktoken.model,
 tokenizer_config.json, chat_template.jinja. The ways: a folder of that name, bytes that are not
-UTF-8, JSON of the wrong kind (a list, a string, a number), a weight_map that is not an object
+UTF-8, endless (a link to /dev/zero), JSON of the wrong kind (a list, a string, a number), a weight_map that is not an object
 or maps a tensor to something that is not a shard file in the folder ('..', an absolute path, a
 number). Each is tried through the library entry points that read it (load_model, load_tokenizer,
 plan_for_path, the converter's open_source) and through the CLI (info, plan, generate).
@@ -44,6 +44,9 @@ def damage(folder: Path, name: str, how: str) -> None:
     elif how == "dangling":  # a hub cache whose blob was never downloaded (or was cleaned)
         path.unlink(missing_ok=True)
         path.symlink_to(folder / "no-such-blob")
+    elif how == "zero":  # endless: a link to /dev/zero was read until memory ran out
+        path.unlink(missing_ok=True)
+        path.symlink_to("/dev/zero")
     elif how == "not_utf8":
         path.write_bytes(b"\xff\xfe{\x00")
     else:  # JSON of the wrong kind, or a weight_map entry that leaves the folder
@@ -59,11 +62,12 @@ CASES = [
     (INDEX, '{"weight_map": {"model.norm.weight": 5}}'),
     (INDEX, '{"weight_map": {"model.norm.weight": "../m/' + SHARD + '"}}'),
     (INDEX, '{"weight_map": {"model.norm.weight": "/etc/hostname"}}'),
-    (SHARD, "folder"), (SHARD, "dangling"),
+    (SHARD, "folder"), (SHARD, "dangling"), ("config.json", "zero"), (INDEX, "zero"),
 ]
 TOKENIZER_CASES = [("tiktoken.model", "folder"), ("tokenizer_config.json", "folder"),
                    ("tokenizer_config.json", "not_utf8"), ("tokenizer_config.json", "[]"),
-                   ("chat_template.jinja", "folder"), ("chat_template.jinja", "not_utf8")]
+                   ("chat_template.jinja", "folder"), ("chat_template.jinja", "not_utf8"),
+                   ("tiktoken.model", "zero"), ("tokenizer_config.json", "zero"), ("chat_template.jinja", "zero")]
 
 
 def one_line(message: str, name: str) -> None:
