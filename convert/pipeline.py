@@ -123,6 +123,10 @@ def _output_path(dst: str | Path) -> Path:
     path = Path(os.path.abspath(Path(dst).expanduser()))
     if not path.name:
         raise KimiError(f"{dst}: not a folder name for the output; pass a new folder, e.g. {Path(dst) / 'kimi-4bit'}")
+    parent = next(p for p in path.parents if p.exists() or p.is_symlink())  # the nearest one that exists
+    if not parent.is_dir():  # mkdir said 'File exists', and the message promised a resume
+        raise KimiError(f"{parent}: is not a folder, so {path} cannot be made inside it; "
+                        "pick another output folder")
     return path
 
 

@@ -387,6 +387,17 @@ def test_bad_source_is_one_line_naming_the_file(ref32, tmp_path, kind):
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("under", ["file", "file/a/b", "dangling"])
+def test_an_output_inside_something_that_is_not_a_folder_is_one_line(ref32, tmp_path, under):
+    """DST under a file was mkdir's 'File exists' dressed as a disk error that 'resumes once fixed'."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    top = tmp_path / under.split("/")[0]
+    with pytest.raises(KimiError, match=f"{re.escape(str(top))}: is not a folder, so .* cannot be made inside it"):
+        run(ref32.folder, tmp_path / under / "out")
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "nothing").exists()
+
+
 def test_quantized_source_is_refused(out, tmp_path):
     with pytest.raises(KimiError, match="already quantized"):
         run(out("q4", Q4), tmp_path / "dst")
