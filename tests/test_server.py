@@ -198,6 +198,24 @@ def test_errors_are_openai_bodies(live):
     assert status == 404 and "/v1/nothing" in body["error"]["message"]
 
 
+def test_a_body_nested_too_deeply_or_too_large_is_a_4xx(live, monkeypatch):
+    """'[[[[...' was a RecursionError: HTTP 500 and a traceback in the log; a body of any size was
+    read whole into memory."""
+    from kimi_mlx.server import app as app_module
+
+    status, body = live.post("/v1/chat/completions", b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "nested too deeply" in body["error"]["message"], body
+    deep = b'{"messages": [{"role": "user", "content": ' + b"[" * 50000 + b"]" * 50000 + b"}]}"
+    status, body = live.post("/v1/chat/completions", deep)
+    assert status == 400 and "nested too deeply" in body["error"]["message"], body
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 1000)
+    big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
+    status, body = live.post("/v1/completions", big)
+    assert status == 413 and "larger than" in body["error"]["message"], body
+    status, _ = live.post("/v1/completions", json.dumps({"prompt": "x" * 100, "max_tokens": 1}).encode())
+    assert status == 200
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64, -2**70])
 def test_a_seed_outside_uint64_is_a_400(live, seed):
     """mx.random.key takes a uint64: seed -1 passed the request check, then failed the engine

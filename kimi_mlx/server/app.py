@@ -32,6 +32,9 @@ from .tools import ToolCallStream
 
 log = logging.getLogger("kimi_mlx.server")
 KEEPALIVE_S = 5.0  # seconds without output before a streaming response sends a comment line
+# The largest request body: the longest prompt a file may hold (files.MAX_PROMPT_BYTES, more than a
+# 1M-token context) twice over for JSON's escapes; a larger body was read whole into memory.
+MAX_BODY_BYTES = 512 << 20
 MAX_LOGPROBS = 20
 
 
@@ -53,6 +56,22 @@ class ServerConfig:
     default_max_tokens: int = 512
     kv_bits: int | None = None
     keepalive_s: float = KEEPALIVE_S
+
+
+async def _read_body(request: HTTPRequest) -> bytes:
+    """The request body, refused with a 413 past MAX_BODY_BYTES (by its Content-Length at once,
+    else as it streams in)."""
+    too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- request fields
@@ -215,9 +234,11 @@ class Server:
         try:
             self._auth(request)
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _read_body(request))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise APIError(400, f"the request body is not valid JSON ({e})") from None
+            except RecursionError:  # "[[[[...": nested past Python's limit (was a 500 and a traceback)
+                raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object")
             # tokenizing a long prompt takes a while: off the event loop, so other streams flow
