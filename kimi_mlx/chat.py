@@ -275,7 +275,7 @@ class ChatSession:
                 raise ValueError("messages are not a list of {role, content} texts")
             if open_turn is not None and not isinstance(open_turn, str):
                 raise ValueError("open_turn is not a text")
-        except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        except (KeyError, ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
             raise KimiError(f"{path}: corrupt chat file ({type(e).__name__}: {e})") from None
         self._state, self._undo = _State(messages, tokens, cache, open_turn), []
 

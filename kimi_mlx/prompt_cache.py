@@ -156,7 +156,7 @@ def read_state_file(path: str | os.PathLike, model, file_format: str, model_name
         tokens = _checked_tokens(arrays["tokens"], model.args.vocab_size)
         if len({c.offset for c in cache}) != 1 or cache[0].offset > len(tokens):
             raise ValueError("cache offsets do not match its token ids")
-    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError, RecursionError) as e:  # deep: '[[[[...'
         raise KimiError(f"{path}: corrupt file ({type(e).__name__}: {e})") from None
     return tokens, cache, meta
 
@@ -298,6 +298,8 @@ def load_prompt_cache(path: str | os.PathLike, model, model_name: str = "this mo
         raise KimiError(f"{path}: corrupt file (the cache has consumed {cache[0].offset} of {len(tokens)} tokens)")
     try:
         system, raw = json.loads(meta.get("system", "null")), json.loads(meta.get("raw", "false"))
-    except json.JSONDecodeError as e:
-        raise KimiError(f"{path}: corrupt file ({e})") from None
+        if not (system is None or isinstance(system, str)) or not isinstance(raw, bool):
+            raise ValueError(f"system {type(system).__name__}, raw {type(raw).__name__}: expected text and a bool")
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise KimiError(f"{path}: corrupt file ({type(e).__name__}: {e})") from None
     return PromptCache(tokens, cache, meta.get("text", ""), system, raw, meta.get("model_name", "?"), meta)

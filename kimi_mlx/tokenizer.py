@@ -418,7 +418,11 @@ class KimiTokenizer:
         the conversation's tool calls from 0), and a tool result without tool_call_id is headed
         by the id of the call it answers (the results follow their calls in order).
         """
-        segments = self.chat_segments(messages, add_generation_prompt, tools)
+        try:
+            segments = self.chat_segments(messages, add_generation_prompt, tools)
+        except RecursionError:  # contents, arguments or tools nested past Python's limit (a list in a list ...)
+            raise KimiError("messages or tools nested too deeply to render (lists or objects inside each other "
+                            "past Python's recursion limit)") from None
         return self.encode_segments(segments) if tokenize else "".join(text for text, _ in segments)
 
     def chat_segments(

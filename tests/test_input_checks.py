@@ -489,6 +489,55 @@ def test_prompt_cache_files_with_wrong_arrays_are_refused_on_load(  # noqa: F811
     one_line_exit_2(result, "corrupt file")
 
 
+DEEP = "[" * 100000 + "]" * 100000  # JSON nested past Python's recursion limit
+
+
+@pytest.mark.parametrize("key,value", [("cache_kinds", DEEP), ("cache_meta", DEEP), ("system", DEEP),
+                                       ("system", "5"), ("raw", '"yes"')])
+def test_prompt_cache_files_with_wrong_metadata_are_refused_on_load(loaded, folder, tmp_path, key, value):  # noqa: F811
+    """Deeply nested metadata was a RecursionError traceback; a system message that is a number, or
+    a raw flag that is text, went on into the chat template."""
+    from kimi_mlx.prompt_cache import load_prompt_cache, make_prompt_cache
+
+    model, tok = loaded
+    good = tmp_path / "good.safetensors"
+    make_prompt_cache(model, tok, "some text to cache").save(good, model)
+    arrays, meta = mx.load(str(good), return_metadata=True)
+    bad = tmp_path / "bad.safetensors"
+    mx.save_safetensors(str(bad), arrays, metadata={**meta, key: value})
+    with pytest.raises(KimiError, match="corrupt file"):
+        load_prompt_cache(bad, model)
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt-cache", str(bad), "-p", "q"])
+    one_line_exit_2(result, "corrupt file")
+
+
+def test_chat_files_with_deep_metadata_are_refused_on_load(loaded, tmp_path):
+    from kimi_mlx.chat import ChatSession
+
+    model, tok = loaded
+    session = ChatSession(model, tok, max_tokens=2)
+    list(session.send("hi"))
+    session.save(tmp_path / "c.safetensors")
+    arrays, meta = mx.load(str(tmp_path / "c.safetensors"), return_metadata=True)
+    for key in ("messages", "open_turn", "cache_counts"):
+        mx.save_safetensors(str(tmp_path / "bad.safetensors"), arrays, metadata={**meta, key: DEEP})
+        with pytest.raises(KimiError, match="corrupt"):
+            ChatSession(model, tok).load(tmp_path / "bad.safetensors")
+
+
+def test_messages_nested_too_deeply_are_one_line(loaded):
+    """A content list or tool-call arguments nested thousands deep: a RecursionError traceback."""
+    model, tok = loaded
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    call = {"function": {"name": "f", "arguments": {"a": deep}}}
+    for messages in ([{"role": "user", "content": deep}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]):
+        with pytest.raises(KimiError, match="nested too deeply"):
+            generate(model, tok, messages, max_tokens=2)
+
+
 # ---------------------------------------------------------------- plan
 
 
