@@ -572,3 +572,19 @@ def test_serve_refuses_options_outside_their_range_before_loading(args, flag, mo
     monkeypatch.setattr(loading, "resolve_model_path", no_load)
     args = [__file__ if a == "__file__" else a for a in args]
     one_line_exit_2(CliRunner().invoke(app, ["serve", "--model", "demo", *args]), flag)
+
+
+# ---------------------------------------------------------------- the demo's evaluate command
+
+
+@pytest.mark.parametrize("args,needle", [(["--model", "/nonexistent/model"], "no such model folder"),
+                                         (["--n", "0"], "--n 0"), (["--n", "-1"], "--n -1")])
+def test_demo_evaluate_refuses_bad_input_in_one_line(args, needle, capsys):
+    """`python -m kimi_mlx.demo.evaluate` (the README's command): a bad --model was a KimiError
+    traceback, --n -1 a KeyError traceback after the model had loaded."""
+    from kimi_mlx.demo.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "\n".join(err), err

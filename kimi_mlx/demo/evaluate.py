@@ -22,6 +22,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..errors import KimiError
+from ..files import read_json_object
 from ..kda import set_kda_path
 from ..loading import load_model
 from ..model import Model
@@ -213,6 +215,15 @@ def main(argv=None) -> None:
     parser.add_argument("--retrieval", type=float, nargs="*", default=[],
                         help="score retrieval at these multiples of the longest training prompt, e.g. 1 4 16")
     args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n {args.n}: give at least 1 example per task")
+    try:
+        _evaluate(args)
+    except KimiError as e:  # a bad --model: one line, as the CLI does (was a traceback)
+        parser.exit(2, f"error: {e}\n")
+
+
+def _evaluate(args) -> None:
     if args.kda_path:
         set_kda_path(args.kda_path)
     model = load_model(args.model, dtype=getattr(mx, args.dtype))
@@ -220,7 +231,8 @@ def main(argv=None) -> None:
 
     def examples(n, seed, tasks=data.TASKS, recall_filler=None):
         if args.unseen:
-            if json.loads((Path(args.model) / "training.json").read_text()).get("heldout") == "split":
+            training = read_json_object(Path(args.model) / "training.json", "--unseen needs the demo's training record")
+            if training.get("heldout") == "split":
                 return data.heldout(n, seed, tasks, recall_filler=recall_filler, split=True)
             from .train import seen_in_training, training_stages
 
