@@ -139,7 +139,9 @@ def _stop_signals():
     if threading.current_thread() is not threading.main_thread() or launched():
         yield
         return
-    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    # A signal the parent set to be ignored stays ignored: `nohup kimi-mlx convert ...` must outlive its terminal.
+    numbers = [n for n in (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))
+               if signal.getsignal(n) is not signal.SIG_IGN]
 
     def stop(signum, frame):
         from kimi_mlx.errors import Terminated

@@ -106,3 +106,23 @@ def test_ctrl_c_in_a_reply_still_keeps_the_session(folder, tmp_path, monkeypatch
     saved = tmp_path / "s.safetensors"
     result = CliRunner().invoke(app, ["chat", "--model", str(folder), "-n", "20"], input=f"hello\n/save {saved}\n")
     assert result.exit_code == 0 and "[reply stopped" in result.stderr and saved.exists(), result.output
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(folder, tmp_path, monkeypatch):  # noqa: F811
+    """`nohup kimi-mlx ...` ignores SIGHUP; the CLI's handler must not undo that (the terminal
+    closing would stop the command)."""
+    generate_module = importlib.import_module("kimi_mlx.generate")
+    real = generate_module.prefill_all
+
+    def prefill_all(*args, **kwargs):
+        kill_self("SIGHUP")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(generate_module, "prefill_all", prefill_all)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        out = tmp_path / "cache.safetensors"
+        result = CliRunner().invoke(app, ["cache-prompt", str(out), "--model", str(folder), "-p", "hello there"])
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert result.exit_code == 0 and out.stat().st_size > 0, result.output
