@@ -86,7 +86,9 @@ def open_source(src: str | Path) -> Source:
     """A local folder or `org/name` on the hub -> a validated Source (nothing read but headers)."""
     if not str(src).strip() or "\0" in str(src):  # '' would be the current folder
         raise KimiError(f"{str(src)!r}: not a checkpoint folder or hub repo id; pass the folder that holds config.json")
-    local = Path(src).expanduser()
+    from kimi_mlx.loading import expand_user
+
+    local = expand_user(src)
     repo_id = revision = None
     if str(src) == "demo" and not local.exists():  # the shipped demo model, as everywhere else
         from kimi_mlx.loading import demo_model_path
@@ -140,10 +142,14 @@ def scan_tensors(folder: Path) -> dict[str, SourceTensor]:
 def download(repo_id: str) -> Path:
     """Fetch only what conversion needs (with huggingface-hub's progress bars); one-line errors."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from kimi_mlx.loading import invalid_repo_id
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except HFValidationError:
+        raise invalid_repo_id(repo_id) from None
     except RepositoryNotFoundError:
         raise KimiError(f"{repo_id}: no such repository on the Hugging Face hub (or it is private)") from None
     except LocalEntryNotFoundError:

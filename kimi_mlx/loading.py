@@ -225,7 +225,7 @@ def resolve_model_path(path: str | Path) -> Path:
         raise KimiError(f"model path {path!r}: give a folder, a hub repo id (org/name) or 'demo'")
     if str(path) == "demo":
         return demo_model_path()
-    local = Path(path).expanduser()
+    local = expand_user(path)
     if local.is_dir():
         return local
     if local.exists():
@@ -234,6 +234,19 @@ def resolve_model_path(path: str | Path) -> Path:
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise KimiError(f"{text}: no such model folder")
     return download_repo(text)
+
+
+def expand_user(path: str | os.PathLike) -> Path:
+    """Path(path).expanduser(); an unknown user (~nobody-here/x) is a KimiError (Python raises
+    RuntimeError 'Could not determine home directory')."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise KimiError(f"{path}: no such model folder (no home folder for that ~user)") from None
+
+
+def invalid_repo_id(repo_id: str) -> KimiError:
+    return KimiError(f"{repo_id}: no such folder, and not a hub repo id (org/name: letters, digits, '-', '_', '.')")
 
 
 def demo_model_path() -> Path:
@@ -246,11 +259,13 @@ def demo_model_path() -> Path:
 
 def download_repo(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "*.md"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except HFValidationError:  # 'a b/c d': was the hub's ValueError traceback
+        raise invalid_repo_id(repo_id) from None
     except RepositoryNotFoundError:
         raise KimiError(f"{repo_id}: no such repository on the Hugging Face hub (or it is private)") from None
     except LocalEntryNotFoundError:

@@ -48,7 +48,10 @@ def file_path(path: str | os.PathLike) -> Path:
     KimiError, not the TypeError of Path()."""
     if not isinstance(path, (str, os.PathLike)):
         raise KimiError(f"{path!r}: not a file name (give a str or a path)")
-    return Path(path).expanduser()
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # ~user that does not exist
+        raise KimiError(f"{path}: no home folder for that ~user; give another file name") from None
 
 
 def check_output_file(path: str | os.PathLike) -> Path:

@@ -588,3 +588,22 @@ def test_demo_evaluate_refuses_bad_input_in_one_line(args, needle, capsys):
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "\n".join(err), err
+
+
+# ---------------------------------------------------------------- names that are neither a folder nor a repo id
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "-m", "a b/c d"], "not a hub repo id"), (["generate", "-m", "a--b/c", "-p", "hi"], "not a hub repo id"),
+    (["convert", "a b/c d", "out"], "not a hub repo id"),
+    (["info", "-m", "~no-such-user-h14/x"], "no home folder"),
+    (["convert", "~no-such-user-h14/x", "out"], "no home folder"),
+    (["convert", "demo", "~no-such-user-h14/out"], "no home folder"),
+    (["cache-prompt", "~no-such-user-h14/c.safetensors", "-p", "hi"], "no home folder"),
+    (["generate", "--prompt-cache", "~no-such-user-h14/c.safetensors", "-p", "hi"], "no home folder")])
+def test_names_that_are_not_a_folder_nor_a_repo_id_are_one_line(args, needle, tmp_path, monkeypatch):
+    """A repo id the hub's validator refuses was its HFValidationError traceback; ~user for a user
+    that does not exist was Python's RuntimeError 'Could not determine home directory'."""
+    monkeypatch.chdir(tmp_path)
+    one_line_exit_2(CliRunner().invoke(app, args), needle)
+    assert list(tmp_path.iterdir()) == []
