@@ -45,11 +45,11 @@ CPU_GROUPED_MIN_ROWS_PER_EXPERT = 16
 # GatherQMM runs every (token, expert) row as its own matrix-vector product (gather_qmv), while
 # the grouped path's per-expert quantized_matmul is a GEMM; Metal's gather_qmm already segments
 # sorted rows into GEMMs, so Metal keeps the gather path. Set from bench_gpu.py's prefill variants.
-CUDA_GROUPED_MIN_ROWS_PER_EXPERT: int | None = None
-# GPUs keep gather for now. On the H200 one gather_qmm over a 512-token prefill step's 4096 sorted
-# (token, expert) rows took ~4.3 ms (bench/gpu/NOTES.md, run 1), ~1 us per row, and ~1 GiB of
-# scratch: the grouped path (KIMI_MLX_EXPERT_PATH=grouped, a quantized_matmul per expert) may beat
-# it there, but that is not measured yet (bench_gpu.py --prefill-experts times it).
+CUDA_GROUPED_MIN_ROWS_PER_EXPERT: int | None = 16
+# Measured on the H200 (bench_gpu.py, 4k-token prompt, full-size 4-bit model, bench/gpu/NOTES.md
+# run 3): prefill 1048 tok/s on gather (512-token steps), 1486 grouped (16 rows per expert),
+# 2596 grouped at 2048-token steps (64 rows per expert; generate.prefill_step_for). Decode
+# (8 rows per expert at most for one token) keeps the direct path.
 
 
 def set_expert_path(name: str | None) -> None:

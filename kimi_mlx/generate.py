@@ -21,10 +21,14 @@ from .errors import KimiError
 from .parallel.world import watch_ranks
 
 def prefill_step_for(device: mx.Device) -> int:
-    """Tokens per prefill step on `device` (the one place this is decided): 512 everywhere for
-    now, the value measured on the CPU (bench/bench_model.py) and on the H200 (bench_gpu.py run 1:
-    1.2k tok/s). mlx-lm uses 2048 on GPUs; our 2048 on the H200 is not measured yet (the
-    bench's --prefill-steps times it), and CUDA's gather_qmm scratch grows with the step's rows."""
+    """Tokens per prefill step on `device` (the one place this is decided).
+
+    CUDA (a GPU without Metal): 2048, with the grouped expert path it enables (64 rows per expert;
+    experts.CUDA_GROUPED_MIN_ROWS_PER_EXPERT): 2596 tok/s at 4k on the H200 against 1048 at 512
+    (bench_gpu.py, bench/gpu/NOTES.md run 3). CPU and Metal: 512, measured on the CPU
+    (bench/bench_model.py); 2048 on a Mac is not measured (plan.py assumes 512 there)."""
+    if device != mx.cpu and not mx.metal.is_available():
+        return 2048
     return 512
 
 

@@ -108,8 +108,9 @@ def test_auto_path_on_cpu(monkeypatch):
     assert get_expert_path(mlp, 100 * per_expert) == "direct"  # quantized experts gain nothing
 
 
-def test_auto_path_on_a_gpu_is_direct(monkeypatch):
+def test_auto_path_on_metal_is_direct(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     mlp, *_ = make_case(1)
     assert get_expert_path(mlp, 10**6) == "direct"
     assert get_expert_path(mlp, 8) == "direct"
@@ -127,6 +128,14 @@ def test_cuda_prefill_rule(monkeypatch, metal):
     assert get_expert_path(mlp, 4 * 16) == ("direct" if metal else "grouped")
     monkeypatch.setattr(experts, "CUDA_GROUPED_MIN_ROWS_PER_EXPERT", None)
     assert get_expert_path(mlp, 10**6) == "direct"
+
+
+@pytest.mark.parametrize("device,metal,step", [("cpu", False, 512), ("gpu", True, 512), ("gpu", False, 2048)])
+def test_prefill_step_per_device(monkeypatch, device, metal, step):
+    """CUDA prefills 2048 tokens a step (where the grouped experts win); CPU and Metal 512."""
+    from kimi_mlx.generate import prefill_step_for
+    monkeypatch.setattr(mx.metal, "is_available", lambda: metal)
+    assert prefill_step_for(getattr(mx, device)) == step
 
 
 def _graph_ops(out: mx.array, tmp_path) -> list[str]:
