@@ -108,12 +108,14 @@ def test_backend_is_the_default_devices(monkeypatch):
     assert metal.kernel_factory("metal") is mx.fast.metal_kernel
 
 
-def test_cuda_route_end_to_end(fake_cuda):
+def test_cuda_route_end_to_end(fake_cuda, monkeypatch):
     """On a (pretend) CUDA default device: auto picks our kernels for one token after the
     self-check, built by cuda_kernel with the mapping header and the body verbatim."""
     shape = (2, 32, 32, mx.float32, mx.float32)
     assert dispatch.get_kda_path(1, shape) == "metal"
-    assert dispatch.get_kda_path(200, shape) == "chunked"  # KERNEL_MAX_T["cuda"]: prefill stays ops
+    assert dispatch.get_kda_path(200, shape) == "metal"  # KERNEL_MAX_T["cuda"]: every T (measured)
+    monkeypatch.setitem(dispatch.KERNEL_MAX_T, "cuda", 1)
+    assert dispatch.get_kda_path(200, shape) == "chunked"  # past the limit: the ops path
     assert metal.kernel_backend() == "cuda"
     assert metal._checked == {("cuda", *shape): None}
     for name, header, source in fake_cuda.calls:

@@ -31,9 +31,11 @@ KDA_PATHS = tuple(_PATHS)
 CPU_CHUNKED_MIN_T = 32
 GPU_CHUNKED_MIN_T = 32  # off Metal; not measured finely: one chunk is 64 tokens, padded
 # Longest T for which auto takes our kernels (kda_metal), per GPU backend (None: every T). Metal:
-# every T, as since the kernels were written (no Mac measurement says otherwise). CUDA: decode
-# only until bench/gpu/check_kernels_mlx.py has timed the prefill routes on the H200.
-KERNEL_MAX_T = {"metal": None, "cuda": 1}
+# every T, as since the kernels were written (no Mac measurement says otherwise). CUDA: every T:
+# on the H200 (bench/gpu/check_kernels_mlx.py, bench/gpu/NOTES.md run 3; one layer, B=1, bf16)
+# kda_decode over T took 0.6 / 2.7 / 4.9 ms at T = 512 / 2048 / 4096 against 5.3 / 11.6 / 35.1 ms
+# for chunked ops (and 3.2 / 8.4 / 15.5 ms for the chunk kernels).
+KERNEL_MAX_T = {"metal": None, "cuda": None}
 
 _switch = PathSwitch("KDA path", ENV_VAR, KDA_PATHS)
 
@@ -56,7 +58,7 @@ def _auto_path(seq_len: int, shape: tuple | None = None) -> str:
         return "metal"
     if backend == "metal":
         return "mx_fast"  # MLX's fused Metal kernel for every T (what the kernels fall back to)
-    # Other GPUs (MLX's CUDA backend): prefill in chunks, measured on the H200 (bench/bench_gpu.py:
+    # CUDA where our kernels cannot run: prefill in chunks, measured on the H200 (bench/bench_gpu.py:
     # 1.2k tok/s, 2.6-3.5x mlx-lm's per-token loop). One token (decode): the naive step, which the
     # compiled decode step (kimi_mlx/decode.py) fuses with the layer: 38.3 vs 34.8 tok/s for
     # mx.fast at 1k context, 36.2 vs 31.5 at 64k (H200, bench/gpu/NOTES.md run 2). Between: mx.fast.

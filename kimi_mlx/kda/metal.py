@@ -79,9 +79,10 @@ SEGMENT = 64 * CHUNK  # prefill tokens per round of chunk kernels: bounds the pe
 DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: template args of both kernels
 # Which kernels kda_metal runs for T > 1, per backend: "decode" (kda_decode, T sequential steps
 # in one launch) or "chunk" (kda_chunk_ut + kda_chunk_state around MLX matmuls). Metal: the
-# recurrent kernel it has always run (no Mac measurement says otherwise). CUDA: decided by
-# bench/gpu/check_kernels_mlx.py (prefill 4k on the H200); whether auto takes the kernels for
-# T > 1 at all is dispatch.KERNEL_MAX_T.
+# recurrent kernel it has always run (no Mac measurement says otherwise). CUDA: the recurrent
+# kernel, 2.6-5.3x faster than the chunk kernels at T = 512..4096 on the H200
+# (bench/gpu/check_kernels_mlx.py); whether auto takes the kernels for T > 1 at all is
+# dispatch.KERNEL_MAX_T.
 PREFILL_ROUTE = {"metal": "decode", "cuda": "decode"}
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
 # order (and may compile with fast math); the bugs planted in the tests are off by >= 5e-2.
