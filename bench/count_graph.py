@@ -30,24 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_gpu import VIEW_OPS, build_models, planted_caches, quantized_config  # noqa: E402
+from bench_gpu import TINY_CONFIG, VIEW_OPS, build_models, planted_caches, quantized_config  # noqa: E402
 
 from kimi_mlx.decode import set_decode_path  # noqa: E402
 
 # The real model's per-layer structure at small dims (multiples of the 64-wide quantization group).
-SMALL_CONFIG = {
-    "model_type": "kimi_linear", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64,
-    "kv_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64,
-    "mla_use_nope": True, "q_lora_rank": None, "num_experts": 16, "num_experts_per_token": 8,
-    "moe_intermediate_size": 128, "num_shared_experts": 1, "first_k_dense_replace": 1,
-    "routed_scaling_factor": 2.446, "moe_renormalize": True, "moe_router_activation_func": "sigmoid",
-    "num_expert_group": 1, "topk_group": 1, "use_grouped_topk": True, "moe_layer_freq": 1,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "model_max_length": 1048576, "tie_word_embeddings": False,
-    "linear_attn_config": {"full_attn_layers": [4], "kda_layers": [1, 2, 3], "num_heads": 4, "head_dim": 64,
-                           "short_conv_kernel_size": 4},
-}
+SMALL_CONFIG = {**TINY_CONFIG, "num_experts": 16, "num_experts_per_token": 8}  # top-8 of 16, as the real top-8 of 256
 # Layers of each kind in Kimi-Linear-48B-A3B (27 layers): for the full-model estimate.
 REAL_COUNTS = {"kda+dense": 1, "kda+moe": 19, "mla+moe": 7}
 

@@ -7,26 +7,15 @@ a first token on a fresh cache (T = 1 prompt), batch 2, KDA head dims 32 and 128
 
 from __future__ import annotations
 
-import copy
 
 import mlx.core as mx
 import pytest
-from tiny import TINY_CONFIG, random_weights
+from tiny import TINY_CONFIG, tiny_model
 
-from kimi_mlx import Model, ModelArgs
 from kimi_mlx.decode import get_decode_path, set_decode_path
 from kimi_mlx.kda import set_kda_path
 
 TOL = 1e-4  # fp32 weights and activations: relative error of logits, ||out - ref|| / ||ref||
-
-
-def _model(head_dim: int) -> Model:
-    cfg = copy.deepcopy(TINY_CONFIG)
-    cfg["linear_attn_config"]["head_dim"] = head_dim
-    model = Model(ModelArgs.from_dict(cfg))
-    model.load_weights(list(random_weights(cfg, seed=head_dim).items()))
-    mx.eval(model.parameters())
-    return model
 
 
 def _decode(model, prompt: mx.array, steps: int, path: str, kda: str | None) -> list[mx.array]:
@@ -55,7 +44,7 @@ def _rel(a: mx.array, b: mx.array) -> float:
 
 @pytest.mark.parametrize("head_dim, batch, prompt_len", [(32, 2, 37), (128, 1, 37), (32, 1, 1)])
 def test_compiled_decode_matches_naive_recurrence(head_dim, batch, prompt_len):
-    model = _model(head_dim)
+    model = tiny_model(head_dim)
     prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (batch, prompt_len), key=mx.random.key(prompt_len))
     ref = _decode(model, prompt, 4, "eager", "naive")
     for kda in (None, "naive"):  # auto's decode path (mx_fast on the CPU) and the recurrence itself
@@ -70,7 +59,7 @@ def test_compiled_decode_matches_naive_recurrence(head_dim, batch, prompt_len):
 
 def test_compiled_decode_sees_new_weights():
     """The layers' parameters are inputs of the trace, not constants baked into it."""
-    model = _model(32)
+    model = tiny_model(32)
     prompt = mx.array([[5, 6, 7]])
     before = _decode(model, prompt, 1, "compiled", None)[0]
     layer = model.layers[1]

@@ -13,7 +13,6 @@ the whole CUDA dispatch (default device -> factory -> self-check -> kernels) run
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -23,9 +22,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from metal_emu import emulate
-from tiny import TINY_CONFIG, random_weights
+from tiny import TINY_CONFIG, tiny_model
 
-from kimi_mlx import Model, ModelArgs
 from kimi_mlx import decode as decode_mod
 from kimi_mlx.cache import KDACache
 from kimi_mlx.kda import dispatch, metal, set_kda_path
@@ -225,15 +223,6 @@ def emulated_kernels(monkeypatch):
     set_kda_path(None)
 
 
-def _model(head_dim: int = 32) -> Model:
-    cfg = copy.deepcopy(TINY_CONFIG)
-    cfg["linear_attn_config"]["head_dim"] = head_dim
-    model = Model(ModelArgs.from_dict(cfg))
-    model.load_weights(list(random_weights(cfg, seed=head_dim).items()))
-    mx.eval(model.parameters())
-    return model
-
-
 def _greedy(model, prompt, steps: int, kda: str, decode: str = "eager") -> list[mx.array]:
     """Logits of greedy decode steps; eager by default: the emulator runs on the host, so it
     cannot sit inside a compiled trace (the default decode path on a GPU)."""
@@ -256,7 +245,7 @@ def _greedy(model, prompt, steps: int, kda: str, decode: str = "eager") -> list[
 def test_model_decode_through_the_layer_kernel_matches_naive(emulated_kernels, monkeypatch):
     """Eager decode, batch 2, prompt of 37 tokens, KDA path forced to our kernels: every KDA layer's
     one-token step runs as the Layer kernel (counted), and the logits match the naive recurrence."""
-    model = _model(32)
+    model = tiny_model(32)
     prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (2, 37), key=mx.random.key(5))
     ref = _greedy(model, prompt, 3, "naive")
     calls = []
@@ -272,7 +261,7 @@ def test_model_decode_through_the_layer_kernel_matches_naive(emulated_kernels, m
 def test_compiled_step_function_with_the_kernel_matches_ops(emulated_kernels):
     """decode.py's KDA step with the kernel branch (fused projections, stacked conv weights) equals
     its ops branch; called untraced here (the emulator runs on the host, not inside mx.compile)."""
-    model = _model(32)
+    model = tiny_model(32)
     layer = next(lyr for lyr in model.layers if lyr.is_kda)
     attn = layer.self_attn
     B, C, K = 2, attn.num_heads * attn.head_dim, attn.q_conv.kernel_size
@@ -298,7 +287,7 @@ def test_compiled_decode_with_the_kernel_between_traces_matches_naive(emulated_k
     """decode.KERNEL_IN_TRACE False: a KDA step is a compiled projection trace, the Layer kernel,
     a compiled finish trace (runs on the CPU too, the kernel being outside the traces); the
     logits match the naive recurrence's, and each KDA layer holds exactly those two traces."""
-    model = _model(32)
+    model = tiny_model(32)
     prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (2, 5), key=mx.random.key(6))
     ref = _greedy(model, prompt, 2, "naive")
     monkeypatch.setattr(decode_mod, "KERNEL_IN_TRACE", False)
@@ -314,7 +303,7 @@ def test_a_trace_that_cannot_hold_the_kernel_falls_back_to_the_split_step(emulat
     """If the kernel fails inside the layer's trace (here: the emulator, which runs on the host,
     as a GPU kernel that mx.compile refused would), one warning, then the kernel between two
     traces: still compiled, still the kernel, same logits as the naive recurrence."""
-    model = _model(32)
+    model = tiny_model(32)
     prompt = mx.random.randint(3, TINY_CONFIG["vocab_size"], (1, 4), key=mx.random.key(7))
     ref = _greedy(model, prompt, 2, "naive")
     decode_mod._warned.clear()

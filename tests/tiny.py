@@ -55,3 +55,17 @@ def write_checkpoint(folder: Path, config: dict = TINY_CONFIG, weights: dict | N
         weight_map.update({n: fname for n in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
+
+
+def tiny_model(head_dim: int = 32):
+    """A float32 Model of TINY_CONFIG with KDA head dim `head_dim`, random weights seeded by it."""
+    import copy
+
+    from kimi_mlx import Model, ModelArgs
+
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["linear_attn_config"]["head_dim"] = head_dim
+    model = Model(ModelArgs.from_dict(cfg))
+    model.load_weights(list(random_weights(cfg, seed=head_dim).items()))
+    mx.eval(model.parameters())
+    return model
