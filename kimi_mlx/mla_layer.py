@@ -30,6 +30,9 @@ KV_NORM_EPS = 1e-6  # the reference's kv_a_layernorm is built without eps, so it
 # --forms); the multiply-add count alone puts the crossover at R(Dn+Dv) / (2R+P - (Dn+Dr+Dv)) = 171.
 ABSORB_MAX_QUERIES = 128
 SCORE_BLOCK_BYTES = 64 << 20  # fp32 scores of one key block [B, H, T, block]: this, rounded to 2^k keys
+# A prefill step evaluates its running softmax once the blocks queued since the last evaluation
+# hold this many bytes of fp32 scores (so the lazy graph never holds more than about this much).
+SYNC_SCORE_BYTES = 64 << 20
 MIN_KEY_BLOCK = 256
 MASKED = -1e30  # finite, so a fully masked block never makes NaN in the online softmax
 
@@ -167,6 +170,7 @@ class _Attention:
             s, pv = self.block(arrays)
             return pv(mx.softmax(self._masked(s, k0, arrays[0].shape[1], offset, keys_valid), axis=-1, precise=True))
         m = l = acc = None
+        pending = 0  # bytes of fp32 scores queued since the last evaluation
         for k0, arrays in blocks:
             n = arrays[0].shape[1]
             s, pv = self.block(arrays)
@@ -183,13 +187,15 @@ class _Attention:
                 l = l * correction + p.sum(axis=-1, keepdims=True)
                 acc = acc * correction + pv(p).astype(mx.float32)
                 m = m_new
-            if len(blocks) > 1 and T > 1:
+            pending += s.size * 4
+            if T > 1 and pending >= SYNC_SCORE_BYTES:
                 # A prefill step's lazy graph would hold every block's scores at once ([B, H, T,
-                # block] each); evaluating the running softmax state makes the blocks run one
-                # after another (memory of one block). Decode (one query) never syncs here: its
+                # block] each); evaluating the running softmax state makes the blocks run a few
+                # at a time (memory of SYNC_SCORE_BYTES). Decode (one query) never syncs here: its
                 # scores are 4 bytes per head and key (128 MB at 1M keys), and a host sync per
                 # page, layer and token would stall the GPU.
                 mx.eval(m, l, acc)
+                pending = 0
         return acc / l  # [B, H, T, D] float32
 
     def _masked(self, s: mx.array, k0: int, n: int, offset: int, keys_valid: mx.array | None) -> mx.array:

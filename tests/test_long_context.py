@@ -50,6 +50,7 @@ def small_pages(monkeypatch):
     monkeypatch.setattr(LatentCache, "page_size", 64)
     monkeypatch.setattr(mla_layer, "SCORE_BLOCK_BYTES", 1)
     monkeypatch.setattr(mla_layer, "MIN_KEY_BLOCK", 32)
+    monkeypatch.setattr(mla_layer, "SYNC_SCORE_BYTES", 1)  # evaluate after every block
 
 
 @pytest.mark.parametrize("step", [1, 13, 100, 300])  # absorbed (<= 128 queries) and expanded forms
