@@ -12,7 +12,7 @@ from tiny import TINY_CONFIG, write_checkpoint
 from typer.testing import CliRunner
 
 from kimi_mlx.cli import app
-from kimi_mlx import Model, ModelArgs
+from kimi_mlx import Model, ModelArgs, mla_layer
 from kimi_mlx.cache import LatentCache
 from kimi_mlx.errors import KimiError
 from kimi_mlx.dtypes import FP32_PARAMS
@@ -96,9 +96,12 @@ def test_states_are_those_of_a_model_run(bits):
 
 def test_activations_stop_growing_past_one_key_block():
     at = lambda context, step=512: plan_memory(REAL, context, prefill_step=step, memory_bytes=GiB).activations  # noqa: E731
-    assert at(8192) == at(1 << 20) > at(256)
-    assert at(1 << 20, 2048) > at(1 << 20)
-    assert at(1 << 20) < GiB  # an estimate, but of the right size: a few hundred MB
+    block = mla_layer._block_size(REAL["num_attention_heads"] * 512)  # keys of one block at 512 queries
+    assert at(block) == at(1 << 20) > at(block // 2) > at(256)
+    block = mla_layer._block_size(REAL["num_attention_heads"] * 2048)
+    assert at(block, 2048) == at(1 << 20, 2048) > at(block // 2, 2048)
+    # an estimate, but of the right size: one block's scores (the block's bytes) and a few hundred MB
+    assert mla_layer.SCORE_BLOCK_BYTES < at(1 << 20) < mla_layer.SCORE_BLOCK_BYTES * 4
 
 
 # ---- the released model's figures, summed by hand from the config numbers
