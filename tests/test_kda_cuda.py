@@ -190,9 +190,6 @@ def _configs():
                                  dec(False, f32, metal.DECODE_THREADS, metal.DECODE_ROWS)),
         "kda_decode layer bf16": ("kda_decode", [bf] * 5 + [f32] * 3 + [i32] + [bf] * 6 + [f32], [bf, f32, bf, bf, bf],
                                   dec(True, bf, 512, 128)),
-        "kda_chunk_ut": ("kda_chunk_ut", [f32] * 3, [f32], [("C", 64), ("W", 256)]),
-        "kda_chunk_state": ("kda_chunk_state", [f32] * 6 + [i32], [f32] * 3,
-                            [("C", 64), ("Dk", 128), ("Dv", 128), ("Threads", 128), ("Rows", 32)]),
     }
 
 

@@ -9,18 +9,16 @@ Sections (each prints as it finishes; the table is printed last, JSON + log unde
            and 8, fp32 state, bf16 and fp32 inputs): the runtime's own self-check verdict
            (kernel_status / layer_status), then relative error ||out - ref|| / ||ref|| against
            kda_naive (the Layer step against prologue.decode_layer_ops, kda_naive inside) for
-           kda_decode at T=1 and T=69, the chunk route at T=300, the Layer step at T=1; and the
-           Layer kernel called inside mx.compile against the same call outside it.
+           kda_decode at T=1 and T=69, the Layer step at T=1; and the Layer kernel called inside
+           mx.compile against the same call outside it.
   layer    one KDA layer's decode step (KDA attention + dense SwiGLU MLP, 4-bit weights as the
            real model, 1k-token planted state), B=1 and 8: ops path (KIMI_MLX_KERNELS=ops, auto's
            KDA path for one token) against the Layer kernel, eager and compiled (decode.py; the
            kernel inside the layer's trace, and "compiled-split": between two traces,
            decode.KERNEL_IN_TRACE False), with graph nodes / kernel nodes of the eager step.
   prefill  the KDA recurrence over 512 (the model's prefill step), 2048 and 4096 tokens (B=1,
-           bf16 q/k/v): chunked ops (today's CUDA route) against
-           the two kernel routes: kda_decode over T (recurrent) and the chunk kernels
-           (kda_chunk_ut + kda_chunk_state around MLX matmuls). Decides PREFILL_ROUTE /
-           KERNEL_MAX_T (kimi_mlx/kda/metal.py, dispatch.py).
+           bf16 q/k/v): chunked ops (auto's path without the kernels) against kda_decode over T
+           (the kernels' route for every T). Decides KERNEL_MAX_T (kimi_mlx/kda/dispatch.py).
   model    if time is left: the full-size random 4-bit model (bench/bench_gpu.py's builder),
            one synced decode step and decode tok/s at 1k context, kernels auto vs ops.
 Not a test: timings are never asserted.
@@ -133,17 +131,13 @@ def section_check(res, H, D, batches, emulator: bool):
         rows.append({"what": "runtime self-check", "dtype": str(dtype), "kda_metal": status or "passed",
                      "layer": lstatus or "passed"})
         for B in batches:
+            first = len(rows)
             for T in (1, 69):
                 args = recurrence_inputs(rng, B, T, H, D, dtype)
                 ref = kda_naive(*args)
                 out = kern.decode(*args)
                 rows.append({"what": f"kda_decode T={T}", "B": B, "dtype": str(dtype),
                              "o": relative_error(out[0], ref[0]), "state": relative_error(out[1], ref[1])})
-            args = recurrence_inputs(rng, B, 300, H, D, dtype)
-            ref = kda_naive(*args)
-            out = kern.prefill(*args)
-            rows.append({"what": "chunk route T=300", "B": B, "dtype": str(dtype),
-                         "o": relative_error(out[0], ref[0]), "state": relative_error(out[1], ref[1])})
             largs = layer_inputs(rng, B, 1, H, D, 4, dtype)
             y, win, st = kern.layer(*largs)
             ry, rwin, rst = decode_layer_ops(*largs)
@@ -162,7 +156,7 @@ def section_check(res, H, D, batches, emulator: bool):
                 except Exception as e:
                     rows.append({"what": "layer step inside mx.compile", "B": B, "dtype": str(dtype),
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            for r in rows[-5:]:
+            for r in rows[first:]:
                 say("  ", json.dumps(r, default=str))
     res["check"] = rows
 
@@ -263,8 +257,7 @@ def section_prefill(res, H, D, sizes, repeats):
         args = recurrence_inputs(rng, 1, T, H, D, dtype)
         mx.eval(args)
         ref = kda_chunked(*args)
-        routes = {"chunked ops": lambda: kda_chunked(*args), "kernel: kda_decode over T": lambda: kern.decode(*args),
-                  "kernel: chunk route": lambda: kern.prefill(*args)}
+        routes = {"chunked ops": lambda: kda_chunked(*args), "kernel: kda_decode over T": lambda: kern.decode(*args)}
         for name, fn in routes.items():
             try:
                 ms = timed(fn, repeats, warmup=1)

@@ -34,7 +34,7 @@ GPU_CHUNKED_MIN_T = 32  # off Metal; not measured finely: one chunk is 64 tokens
 # every T, as since the kernels were written (no Mac measurement says otherwise). CUDA: every T:
 # on the H200 (bench/gpu/check_kernels_mlx.py, bench/gpu/NOTES.md run 3; one layer, B=1, bf16)
 # kda_decode over T took 0.6 / 2.7 / 4.9 ms at T = 512 / 2048 / 4096 against 5.3 / 11.6 / 35.1 ms
-# for chunked ops (and 3.2 / 8.4 / 15.5 ms for the chunk kernels).
+# for chunked ops (and 3.2 / 8.4 / 15.5 ms for chunk kernels we had then, since removed).
 KERNEL_MAX_T = {"metal": None, "cuda": None}
 
 _switch = PathSwitch("KDA path", ENV_VAR, KDA_PATHS)

@@ -1,5 +1,5 @@
-"""KDA on our own GPU kernels: metal/kda_decode.metal and metal/kda_chunk.metal, written in the
-Metal Shading Language and run on BOTH of MLX's GPU backends from the same text:
+"""KDA on our own GPU kernel, metal/kda_decode.metal, written in the Metal Shading Language
+and run on BOTH of MLX's GPU backends from the same text:
   * Metal (Apple GPUs): through mx.fast.metal_kernel;
   * CUDA (NVIDIA GPUs, MLX's CUDA backend): through mx.fast.cuda_kernel, with metal/cuda_compat.h
     (the Metal names the bodies use, as CUDA) put before the .metal file's header;
@@ -21,17 +21,11 @@ Which parts are kernels, and why:
     q scale, forget gate, beta, the recurrence, the output RMSNorm and sigmoid gate (an eager
     KDA decoder layer step: 18 kernel nodes against 103 in MLX ops, counted by
     bench/gpu/check_kernels_mlx.py; mx.compile fuses some of the ops path's elementwise ones).
-  * Prefill, the chunkwise WY/UT form of chunked.py. Its bulk is matmuls batched over every
-    chunk at once (decay grams, A_qk U): MLX's matmuls are the best tool there, so they stay.
-    Two pieces are sequential and become kernels:
-      - `kda_chunk_ut`: the unit lower-triangular solve of each chunk by forward substitution,
-        one thread per column: ~C^2 (Dk + Dv) / 2 multiply-adds per chunk and one dispatch,
-        where chunked.py inverts (~C^3 / 3, ~30 small matmuls) and then multiplies.
-      - `kda_chunk_state`: the pass that carries the fp32 state from chunk to chunk, the state
-        in threadgroup memory. In MLX ops it is a Python loop of 7 ops per chunk that streams
-        the 2 MB state through memory 5 times per chunk (bench/bench_kda_roofline.py).
-Which route kda_metal runs for T > 1 tokens: PREFILL_ROUTE per backend (see there; measured by
-bench/gpu/check_kernels_mlx.py). Every route that can run is self-checked.
+  * Prefill (T > 1) runs the same plain kda_decode, T sequential steps in one launch. On the
+    H200 (one layer, B=1, bf16; bench/gpu/check_kernels_mlx.py, bench/gpu/NOTES.md run 3) it
+    took 4.9 ms at T=4096 against 15.5 ms for chunk kernels around MLX matmuls (since removed;
+    the git history has them) and 35.1 ms for chunked ops. Whether auto takes the kernels for
+    T > 1 at all is dispatch.KERNEL_MAX_T.
 Every kernel is run in the test suite on the CPU (tests/metal_emu) against kda_naive. On a GPU,
 each kernel configuration is checked once per process against kda_naive (the layer step against
 its ops reference) on a small input before first use; if it fails or does not compile, one
@@ -54,8 +48,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..precision import fp32_matmul, relative_error
-from .chunked import _decay_gram, _to_chunks, kda_chunked
+from ..precision import relative_error
+from .chunked import kda_chunked
 from .naive import kda_naive
 from .prologue import decode_layer_ops, prologue
 from ..switch import PathSwitch
@@ -74,16 +68,8 @@ CUDA_HEADER = "cuda_compat.h"  # in METAL_DIR: the Metal names the bodies use, a
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
 _switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for check_environment
-CHUNK = 64  # chunk length of the prefill form
-SEGMENT = 64 * CHUNK  # prefill tokens per round of chunk kernels: bounds the per-chunk buffers
-DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: template args of both kernels
-# Which kernels kda_metal runs for T > 1, per backend: "decode" (kda_decode, T sequential steps
-# in one launch) or "chunk" (kda_chunk_ut + kda_chunk_state around MLX matmuls). Metal: the
-# recurrent kernel it has always run (no Mac measurement says otherwise). CUDA: the recurrent
-# kernel, 2.6-5.3x faster than the chunk kernels at T = 512..4096 on the H200
-# (bench/gpu/check_kernels_mlx.py); whether auto takes the kernels for T > 1 at all is
-# dispatch.KERNEL_MAX_T.
-PREFILL_ROUTE = {"metal": "decode", "cuda": "decode"}
+CHUNK = 64  # kda_chunked's chunk: the ops fallback takes it from this many tokens
+DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: plain kda_decode's template args
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
 # order (and may compile with fast math); the bugs planted in the tests are off by >= 5e-2.
 CHECK_TOL = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 2e-2}
@@ -121,7 +107,7 @@ def load_sources(path: Path) -> dict[str, KernelSource]:
 
 def _load_all() -> tuple[dict[str, KernelSource], str | None]:
     try:
-        return {**load_sources(METAL_DIR / "kda_decode.metal"), **load_sources(METAL_DIR / "kda_chunk.metal")}, None
+        return load_sources(METAL_DIR / "kda_decode.metal"), None
     except (OSError, ValueError) as e:  # e.g. installed without the metal/ folder
         return {}, f"kernel sources unreadable ({e})"
 
@@ -160,8 +146,7 @@ def kernel_factory(backend: str):
 
 def supports(Dk: int, Dv: int) -> bool:
     """Head sizes the kernels handle: 4 lanes per state row, 32 rows per threadgroup (the layer
-    step: the whole head, <= 1024 threads), and the chunk kernel's state tile (32 x (Dk + 1)
-    floats) plus U (64 x 32) within 32 KB."""
+    step: the whole head, <= 1024 threads)."""
     return Dk % 4 == 0 and Dv % 32 == 0 and 4 <= Dk <= 128 and Dv <= 256
 
 
@@ -194,7 +179,7 @@ class MetalKDA:
     def __init__(self, factory=None, sources: dict[str, KernelSource] | None = None, backend: str = "metal"):
         self.factory = factory or mx.fast.metal_kernel
         self.sources = sources or SOURCES
-        self.backend = backend  # "metal", "cuda", or e.g. "emulator" (tests): picks PREFILL_ROUTE
+        self.backend = backend  # "metal", "cuda", or e.g. "emulator" (tests)
         # What the factory puts before the header, part of the digest.
         self.header_prefix = CUDA_COMPAT if backend == "cuda" else ""
         self._kernels: dict[tuple, object] = {}
@@ -209,7 +194,7 @@ class MetalKDA:
         return self._kernels[key](inputs=inputs, **launch)
 
     def decode(self, q, k, v, g, beta, state):
-        """kda_decode over T tokens (the plain variant): kda_metal's recurrent route."""
+        """kda_decode over T tokens (the plain variant): kda_metal's route for every T."""
         B, T, H, Dk = k.shape
         Dv = v.shape[-1]
         one = _unused(mx.float32)  # stands for every buffer this variant never reads
@@ -244,51 +229,6 @@ class MetalKDA:
         )
         return y, [wq, wk, wv], state
 
-    def _chunk_segment(self, q, k, v, g, beta, state):
-        """One segment of prefill through the chunk kernels; returns (o [B, T, H, Dv] f32, state)."""
-        B, T, H, Dk = k.shape
-        Dv, C, f32 = v.shape[-1], CHUNK, mx.float32
-        qc, kc, vc, gc, bc = (_to_chunks(x, C) for x in (q, k, v, g, beta))  # [B, H, N, C, ...]
-        N, M, W = qc.shape[2], B * H * qc.shape[2], Dk + Dv
-        a = mx.exp(gc)
-        A = _decay_gram(mx.stack([qc, kc], axis=-3), kc, a)  # [B, H, N, 2, C, C]
-        since = mx.cumprod(a, axis=-2)  # decay from the chunk start, [B, H, N, C, Dk]
-        until = mx.cumprod(a, axis=-2, reverse=True, inclusive=False)  # to the chunk end
-        R = mx.concatenate([kc * since, vc], axis=-1)  # [B, H, N, C, Dk + Dv]
-        nt = min(256, -(-W // 32) * 32)
-        (X,) = self._run(
-            "kda_chunk_ut",
-            [A[..., 1, :, :].reshape(M, C, C), bc.reshape(M, C), R.reshape(M, C, W)],
-            template=[("C", C), ("W", W)],
-            grid=(nt, 1, M),
-            threadgroup=(nt, 1, 1),
-            output_shapes=[(M, C, W)],
-            output_dtypes=[f32],
-        )
-        X = X.reshape(B, H, N, C, W)
-        U, OI, state = self._run(
-            "kda_chunk_state",
-            [X[..., :Dk], qc * since, kc * until, X[..., Dk:], since[..., -1, :], state, mx.array([N], mx.int32)],
-            template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Threads", DECODE_THREADS), ("Rows", DECODE_ROWS)],
-            grid=(DECODE_THREADS, Dv // DECODE_ROWS, B * H),
-            threadgroup=(DECODE_THREADS, 1, 1),
-            output_shapes=[(B, H, N, C, Dv), (B, H, N, C, Dv), (B, H, Dv, Dk)],
-            output_dtypes=[f32, f32, f32],
-        )
-        o = fp32_matmul(A[..., 0, :, :], U) + OI  # in-chunk part + what the start state gives, [B, H, N, C, Dv]
-        o = o.reshape(B, H, N * C, Dv)[:, :, :T]
-        return mx.swapaxes(o, 1, 2), state
-
-    def prefill(self, q, k, v, g, beta, state):
-        """The chunk route (kda_chunk_ut + kda_chunk_state around MLX ops), SEGMENT tokens a round."""
-        outs = []
-        for s in range(0, k.shape[1], SEGMENT):
-            part = slice(s, min(k.shape[1], s + SEGMENT))
-            o, state = self._chunk_segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
-            outs.append(o)
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
-        return o.astype(v.dtype), state
-
     def __call__(self, q, k, v, g, beta, state=None):
         """kda_metal's contract; the kernels must support (Dk, Dv) (see `supports`)."""
         B, T, H, Dk = k.shape
@@ -296,8 +236,6 @@ class MetalKDA:
         state = mx.zeros((B, H, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
         if T == 0:
             return mx.zeros((B, 0, H, Dv), dtype=v.dtype), state
-        if T > 1 and PREFILL_ROUTE.get(self.backend, "decode") == "chunk":
-            return self.prefill(q, k, v, g, beta, state)
         return self.decode(q, k, v, g, beta, state)
 
     def self_check(self, H: int, Dk: int, Dv: int, qk_dtype, v_dtype) -> str | None:
