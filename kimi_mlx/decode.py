@@ -64,23 +64,22 @@ def _trace_key(kind: str, x: mx.array) -> tuple:
     return (kind, x.shape, x.dtype, get_kda_path(), get_kernel_mode(), get_expert_path(), str(mx.default_device()))
 
 
-def _compiled(layer, kind: str, x: mx.array, build):
+def _compiled(layer, key: tuple, build):
     """The layer's compiled function for this trace key (built on first use), or None when a
     trace of it failed before (then the eager path runs)."""
-    reduced_fp32_matmul()  # its one-time probe evaluates arrays: not inside a trace
     cache = layer.__dict__.setdefault("_decode_fns", {})  # instance attribute, not a parameter
-    key = _trace_key(kind, x)
     if key not in cache:
+        reduced_fp32_matmul()  # its one-time probe evaluates arrays: not inside a trace
         cache[key] = mx.compile(build(), inputs=layer)
     return cache[key]
 
 
 def _run(layer, kind: str, x: mx.array, build, *args):
     """Call the compiled function; if tracing it fails, warn once and remember to stay eager."""
-    fn = _compiled(layer, kind, x, build)
+    key = _trace_key(kind, x)  # once per call: it reads every path switch (the env vars)
+    fn = _compiled(layer, key, build)
     if fn is None:
         return None
-    key = _trace_key(kind, x)
     traced = layer.__dict__.setdefault("_decode_traced", set())
     # A trace that raises leaves mx.compile's placeholders in the layer (inputs=layer swaps its
     # arrays for the trace and does not swap them back): keep the arrays to put back.

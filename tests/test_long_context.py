@@ -77,6 +77,26 @@ def test_padded_batch_with_pages_equals_single_runs(model, small_pages):
     assert rel_err(out[1, 53:], model(b)[0]) <= TOL_FP32
 
 
+@pytest.mark.parametrize("step", [1, 13])
+def test_one_softmax_over_several_pages_equals_one_shot(model, step, small_pages, monkeypatch):
+    """Scores of all pages fit one block: one softmax over the pages side by side (the decode
+    form past a page), not the online softmax; padded batch rows too."""
+    monkeypatch.setattr(mla_layer, "SCORE_BLOCK_BYTES", 1 << 40)
+    ids = _tokens(150)
+    ref = model(ids)
+    out, cache = _stepped(model, ids, step)
+    assert rel_err(out, ref) <= TOL_FP32
+    assert len(next(c for c in cache if isinstance(c, LatentCache)).pages) == 150 // 64
+    a, b = _tokens(150, seed=1), _tokens(97, seed=2)
+    batch = mx.concatenate([a, mx.concatenate([mx.zeros((1, 53), dtype=mx.int32), b], axis=1)], axis=0)
+    mask = mx.concatenate([mx.ones((1, 150)), mx.concatenate([mx.zeros((1, 53)), mx.ones((1, 97))], axis=1)])
+    cache = model.make_cache()
+    model(batch[:, :140], cache=cache, mask=mask[:, :140])
+    tail = mx.concatenate([model(batch[:, s:s + 1], cache=cache, mask=mask[:, s:s + 1]) for s in range(140, 150)], 1)
+    assert rel_err(tail[0], model(a)[0, 140:]) <= TOL_FP32
+    assert rel_err(tail[1], model(b)[0, 87:]) <= TOL_FP32
+
+
 class _RoundedLatents(LatentCache):
     """An unquantized cache that stores latents already rounded through kv_bits quantization:
     the same numbers a quantized cache holds, read with plain matmuls."""
