@@ -31,12 +31,14 @@ KV_NORM_EPS = 1e-6  # the reference's kv_a_layernorm is built without eps, so it
 ABSORB_MAX_QUERIES = 128
 # fp32 scores of one key block [B, H, T, block]: this, rounded to 2^k keys. A prefill step
 # evaluates its running softmax once the blocks queued since the last evaluation hold
-# SYNC_SCORE_BYTES of scores (so the lazy graph holds about that much). Why 1 GiB: each block
-# costs a dozen launches and each evaluation a host sync, so small blocks are launch-bound. One
-# MLA layer's 2048-token step over a 64k prefix on the H200 (bench/gpu/mla_forms.py): 207 ms at
-# 64 MB blocks synced each, 95 ms at 256 MB, 60 ms at 1 GiB (peak 3.7 GiB; kimi_mlx.plan counts it).
-SCORE_BLOCK_BYTES = 1 << 30
-SYNC_SCORE_BYTES = 1 << 30
+# SYNC_SCORE_BYTES of scores (so the lazy graph holds about that much). Each block costs a dozen
+# launches and each evaluation a host sync, so small blocks are launch-bound; large ones cost
+# memory (an MLA layer's step peaks at ~3.5x the block's bytes). Measured on the H200, one MLA
+# layer's 2048-token step over a 64k prefix (bench/gpu/mla_forms.py): 207 ms at 64 MB blocks,
+# 95 ms at 256 MB, 60 ms at 1 GiB; its peak 0.7 / 1.05 / 3.5 GiB at 64 MB / 256 MB / 1 GiB
+# (bench/gpu/prefill_memory.py). 512 MB: between the two, for 128k prompts in a minute.
+SCORE_BLOCK_BYTES = 512 << 20
+SYNC_SCORE_BYTES = 512 << 20
 MIN_KEY_BLOCK = 256
 MASKED = -1e30  # finite, so a fully masked block never makes NaN in the online softmax
 

@@ -313,10 +313,10 @@ def activation_bytes(args: ModelArgs, T: int, context: int, B: int, act: int) ->
     # more than ABSORB_MAX_QUERIES tokens one block of expanded per-head keys and values.
     Hm, keys = args.num_attention_heads, min(_block_size(B * args.num_attention_heads * T), context)
     qk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    # 10 bytes per score at the peak (its fp32 value, its exp, the bf16 product's operand): one
-    # MLA layer's step on the H200 peaked 1.88 GiB higher at 4096-key than at 1024-key blocks of
-    # 2048 queries x 32 heads (bench/gpu/mla_forms.py).
-    mla = 10 * B * Hm * T * keys + 4 * B * Hm * T * (qk + args.kv_lora_rank + dv)
+    # 14 bytes per score at the peak (its bf16 product, fp32 value, masked copy, exp and the
+    # bf16 operand of the value product, not all alive at once): one MLA layer's 2048-token step on
+    # the H200 peaked at 1.05 / 3.5 GiB with 256 MB / 1 GiB key blocks (bench/gpu/prefill_memory.py).
+    mla = 14 * B * Hm * T * keys + 4 * B * Hm * T * (qk + args.kv_lora_rank + dv)
     if T > ABSORB_MAX_QUERIES:
         mla += B * Hm * keys * (qk + dv) * act
     has_mla = any(not args.is_kda_layer(i) for i in range(args.num_hidden_layers))
