@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 # num_heads 32, head_dim 128, 20 kda_layers.
 H, DK, DV, LAYERS = 32, 128, 128, 20
 C = 64  # chunk length
-SEGMENT_CHUNKS = 64  # chunks per round of kda_metal's chunk kernels (metal.SEGMENT / C)
+SEGMENT_CHUNKS = 64  # chunks a batched op covers per dispatch (the ops path's segment)
 BW, PEAK = 400e9, 14e12  # M3 Max: memory bandwidth (B/s), fp32 peak (FLOP/s)
 F32, BF16 = 4, 2
 
@@ -95,16 +95,6 @@ def prefill_paths() -> dict[str, list[Stage]]:
     ]
     state_loop = 3 * C * DK * DV * 2 * H  # U = U0 - W S^T, OI = QS S^T, S += U^T KS
     return {
-        "metal: chunk kernels + MLX matmuls": shared + [
-            Stage("R = [k e^G | v] (MLX)", H * C * DK, 2 * qk + vv, rr, 2 * per),
-            Stage("kda_chunk_ut: forward substitution", C * (C - 1) // 2 * W * 2 * H + H * C * W,
-                  aa + H * C * F32 + rr, rr, per),
-            Stage("QS, KS; contiguous Wk, U0 (MLX)", 2 * H * C * DK, 4 * qk + rr, 2 * qk + rr, 4 * per),
-            Stage("kda_chunk_state: the state across chunks", state_loop + H * DV * DK,
-                  3 * qk + vv + H * DK * F32 + S * per, 2 * vv + S * per, per),
-            Stage("o = A_qk U + OI, to [B, T, H, Dv] (MLX)", H * C * C * DV * 2 + H * C * DV,
-                  aa + 3 * vv, 2 * vv + H * C * DV * BF16, 3 * per),
-        ],
         "ops: chunked.py (state loop in Python)": shared + [
             Stage("inverse of the unit triangle + Tinv [k e^G | v] (MLX)",
                   2 * C**3 // 3 * H + C * C * W * 2 * H, aa + 3 * rr, 3 * aa + 2 * rr, 30 * per),
@@ -167,8 +157,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def measure(repeats: int, prefill_tokens: list[int]) -> dict | None:
-    """On a Mac: the real thing beside its roofline, both Metal routes over a sweep of T (where
-    they cross would wire the chunk route, kimi_mlx/kda/metal.py). None where Metal is unavailable."""
+    """On a Mac: the real thing beside its roofline over a sweep of T (our recurrent kernel, the
+    chunk kernels were removed: see kimi_mlx/kda/metal.py). None where Metal is unavailable."""
     import mlx.core as mx
     import numpy as np
 
@@ -201,7 +191,7 @@ def measure(repeats: int, prefill_tokens: list[int]) -> dict | None:
         qr, kr, f = rnd(1, T, H, DK), rnd(1, T, H, DK), rnd(1, T, H, DK)
         q, k, g, beta = prologue_ops(qr, kr, f, rnd(1, T, H), raw[5], raw[6])
         v = rnd(1, T, H, DV)
-        paths = {"metal_recurrent": kern.decode, "metal_chunk": kern.prefill, "mx_fast": kda_mx_fast,
+        paths = {"metal_recurrent": kern.decode, "mx_fast": kda_mx_fast,
                  "chunked_ops": kda_chunked}
         out["prefill"].append({"tokens": T} | {
             f"{name}_s": median_time(lambda fn=fn: fn(q, k, v, g, beta, state), max(3, repeats // 4))

@@ -313,10 +313,13 @@ def activation_bytes(args: ModelArgs, T: int, context: int, B: int, act: int) ->
     # more than ABSORB_MAX_QUERIES tokens one block of expanded per-head keys and values.
     Hm, keys = args.num_attention_heads, min(_block_size(B * args.num_attention_heads * T), context)
     qk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    # 14 bytes per score at the peak (its bf16 product, fp32 value, masked copy, exp and the
-    # bf16 operand of the value product, not all alive at once): one MLA layer's 2048-token step on
-    # the H200 peaked at 1.05 / 3.5 GiB with 256 MB / 1 GiB key blocks (bench/gpu/prefill_memory.py).
-    mla = 14 * B * Hm * T * keys + 4 * B * Hm * T * (qk + args.kv_lora_rank + dv)
+    # 26 bytes per score of one key block at the peak: fitted to whole prefills of the full-size
+    # model on the H200 (bench_gpu.py runs 5 and 7: a 16k / 128k prompt peaked 3.3 GiB higher with
+    # 1 GiB than with 512 MB key blocks, 6.6x the block's bytes). One MLA layer evaluated alone
+    # peaks at ~3.5x (its bf16 product, fp32 value, masked copy, exp, the bf16 operand of the
+    # value product; bench/gpu/prefill_memory.py); why a whole step holds about twice that is not
+    # known yet (a second block's scores alive across the layer's evaluations?).
+    mla = 26 * B * Hm * T * keys + 4 * B * Hm * T * (qk + args.kv_lora_rank + dv)
     if T > ABSORB_MAX_QUERIES:
         mla += B * Hm * keys * (qk + dv) * act
     has_mla = any(not args.is_kda_layer(i) for i in range(args.num_hidden_layers))

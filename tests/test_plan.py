@@ -100,8 +100,9 @@ def test_activations_stop_growing_past_one_key_block():
     assert at(block) == at(1 << 20) > at(block // 2) > at(256)
     block = mla_layer._block_size(REAL["num_attention_heads"] * 2048)
     assert at(block, 2048) == at(1 << 20, 2048) > at(block // 2, 2048)
-    # an estimate, but of the right size: one block's scores (the block's bytes) and a few hundred MB
-    assert mla_layer.SCORE_BLOCK_BYTES < at(1 << 20) < mla_layer.SCORE_BLOCK_BYTES * 4
+    # an estimate, but of the right size: a few copies of one block's scores (6.6x the block's
+    # bytes measured in a whole prefill on the H200) and a few hundred MB
+    assert 4 * mla_layer.SCORE_BLOCK_BYTES < at(1 << 20) < 8 * mla_layer.SCORE_BLOCK_BYTES
 
 
 # ---- the released model's figures, summed by hand from the config numbers
