@@ -33,6 +33,7 @@ import mlx.nn as nn
 from .cache import KDACache
 from .kda import get_kda_path, kda_decode_layer, kda_update
 from .kda.prologue import l2_normalize, output_gate
+from .moe_route import route_ready
 from .precision import reduced_fp32_matmul
 from .switch import PathSwitch
 
@@ -332,6 +333,9 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
     None when this step should run eagerly instead (the caller then runs the layer as usual)."""
     if get_decode_path() != "compiled":
         return None
+    bias = getattr(layer.mlp, "e_score_correction_bias", None)
+    if bias is not None:  # a routed MoE: the route kernel's one-time self-check, outside the traces
+        route_ready(bias.shape[0], layer.mlp.top_k, layer.mlp.renormalize)
     if layer.is_kda:
         if cache.conv is None:  # a fresh cache: zero windows and state, as the layer would start
             attn = layer.self_attn

@@ -15,6 +15,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import ModelArgs
 from .experts import run_experts
+from .moe_route import route  # the kernel on a GPU, else route_ops (the reference)
 from .precision import fp32_matmul
 
 
@@ -32,21 +33,6 @@ class MLP(nn.Module):
         caller (kimi_mlx.decode runs the two as one fused matmul)."""
         g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up
         return self.down_proj(nn.silu(g) * u)
-
-
-@mx.compile
-def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
-    """logits: [..., E] -> (expert ids [..., k] int, weights [..., k] fp32).
-
-    Compiled (the ints are trace constants): the elementwise steps fuse, ~10 kernels fewer per
-    MoE layer and token."""
-    scores = mx.sigmoid(logits.astype(mx.float32))  # [..., E]
-    choice = scores + bias.astype(mx.float32)
-    ids = mx.stop_gradient(mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k])
-    weights = mx.take_along_axis(scores, ids, axis=-1)  # [..., k]
-    if renormalize:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return ids, weights * scale
 
 
 class SparseMoE(nn.Module):

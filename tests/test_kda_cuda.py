@@ -30,7 +30,7 @@ from kimi_mlx.kda import dispatch, metal, set_kda_path
 from kimi_mlx.precision import relative_error
 
 # MLX's type names in the CUDA signature (custom_kernel.cpp, dtype_to_cuda_type).
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int32: "int32_t"}
+CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int32: "int32_t", mx.uint32: "uint32_t"}
 # The CUDA translation unit MLX writes begins with its own prelude; this stands in for
 # mlx/backend/cuda/device/utils.cuh (the part of it the bodies rely on: the half types).
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
@@ -165,7 +165,7 @@ def test_every_metal_name_the_bodies_use_is_mapped():
     """Each Metal thread attribute a body names is a macro of cuda_compat.h (CUDA's signature has
     none), and so are threadgroup memory, the barrier and the SIMD functions the bodies call."""
     header = metal.CUDA_COMPAT
-    for ks in metal.SOURCES.values():
+    for ks in _all_sources().values():
         text = ks.header + ks.body
         for attr, _ in emulate.METAL_ATTRIBUTES:
             if re.search(rf"\b{attr}\b", text):
@@ -178,8 +178,15 @@ def test_every_metal_name_the_bodies_use_is_mapped():
             assert not re.search(rf"\b{word}\b", re.sub(r"//.*", "", text)), f"{ks.name} uses `{word}`"
 
 
+def _all_sources():
+    """Every kernel of metal/*.metal: the KDA kernels and the MoE route kernel."""
+    from kimi_mlx import moe_route
+
+    return {**metal.SOURCES, "moe_route": moe_route.SOURCE}
+
+
 def _configs():
-    f32, bf, i32 = mx.float32, mx.bfloat16, mx.int32
+    f32, bf, i32, u32 = mx.float32, mx.bfloat16, mx.int32, mx.uint32
     dec = lambda layer, dt, thr, rows: [  # noqa: E731
         ("InT", dt), ("StT", f32), ("H", 32), ("Dk", 128), ("Dv", 128), ("K", 4 if layer else 1), ("Layer", layer),
         ("Threads", thr), ("Rows", rows)]
@@ -190,6 +197,10 @@ def _configs():
                                  dec(False, f32, metal.DECODE_THREADS, metal.DECODE_ROWS)),
         "kda_decode layer bf16": ("kda_decode", [bf] * 5 + [f32] * 3 + [i32] + [bf] * 6 + [f32], [bf, f32, bf, bf, bf],
                                   dec(True, bf, 512, 128)),
+        "moe_route 256 experts top-8": ("moe_route", [f32] * 3, [u32, f32],
+                                        [("E", 256), ("K", 8), ("Threads", 256), ("Renorm", True)]),
+        "moe_route 1100 experts top-5": ("moe_route", [f32] * 3, [u32, f32],
+                                         [("E", 1100), ("K", 5), ("Threads", 1024), ("Renorm", False)]),
     }
 
 
@@ -203,7 +214,7 @@ def test_each_kernel_compiles_as_mlx_writes_it(config, tmp_path):
         pytest.skip("nvcc not available")
     kernel, ins, outs, template = _configs()[config]
     src = tmp_path / "k.cu"
-    src.write_text(mlx_cuda_source("k", metal.SOURCES[kernel], ins, outs, template))
+    src.write_text(mlx_cuda_source("k", _all_sources()[kernel], ins, outs, template))
     proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", "-o", str(tmp_path / "k.ptx"), str(src)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

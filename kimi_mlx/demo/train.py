@@ -25,6 +25,7 @@ Moonshot layout, bf16), tiktoken.model and tokenizer_config.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -43,7 +44,8 @@ from ..experts import experts_gather, set_expert_path
 from ..kda import set_kda_path
 from ..loading import load_model
 from ..model import Model
-from ..moe import SparseMoE, route
+from ..moe import SparseMoE
+from ..moe_route import route_ops  # the ops router: our route kernel has no gradient
 from ..tokenizer import load_tokenizer
 from . import bpe, data
 from .batches import BUCKETS, BatchStream, StreamSpec, encode
@@ -187,7 +189,7 @@ class TrainingMoE(SparseMoE):
     def __call__(self, x: mx.array) -> mx.array:
         logits = self.router_logits(x)  # [B, T, E] fp32
         object.__setattr__(self, "last_logits", logits)  # not a parameter
-        ids, weights = route(logits, self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
+        ids, weights = route_ops(logits, self.e_score_correction_bias, self.top_k, self.renormalize, self.scale)
         B, T, D = x.shape
         y = self.experts(self.switch_mlp, x.reshape(B * T, D), ids.reshape(B * T, -1), weights.reshape(B * T, -1))
         y = y.reshape(B, T, D)
@@ -330,6 +332,20 @@ def load_checkpoint(folder: Path, model, opt) -> dict:
     return info
 
 
+def _paths_restored(fn):
+    """Run `fn` with training's path switches (set inside it), then put them back to the
+    environment / auto: a process that trains and then generates must not keep training's paths."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_kda_path(None)
+            set_expert_path(None)
+    return wrapper
+
+
+@_paths_restored
 def train(out: Path, *, steps: int, minutes: float, lr: float, tokens_per_batch: int, config: dict,
           weights: dict, multi_turn: float, seed: int = SEED, data_seed: int = data.TRAIN_SEED,
           warmup: int = 100, compiled: bool = False, workers: int = 0, log_every: int = 20,
