@@ -61,6 +61,20 @@ def _kda_layer_kernel_stand_in(qkv, windows, conv_w, f, b, A_log, dt_bias, gate,
     return y, new_windows, state * 0.5
 
 
+class _RouteKernelStandIn:
+    """Stands in for the moe_route kernel (kimi_mlx.moe_route, ONE kernel on a GPU once its
+    self-check passes): one ArgPartition of the logits, whose views give the ids, and one
+    elementwise kernel for the weights, so a count with it is at most one kernel per MoE layer
+    above a GPU's."""
+
+    def __call__(self, logits, bias, top_k, renormalize, scale):
+        ids = mx.argpartition(logits, kth=top_k - 1, axis=-1)[..., :top_k]
+        return ids, ids.astype(mx.float32) * scale
+
+    def self_check(self, *args):
+        return None
+
+
 def graph_ops(*outputs) -> list[str]:
     """The primitive name of every node of the lazy graph behind `outputs`."""
     with tempfile.NamedTemporaryFile("w", suffix=".dot", delete=False) as f:
@@ -149,6 +163,8 @@ def main() -> None:
                     help="count mx.fast.rms_norm as one kernel as on a GPU (default) or as the CPU expands it")
     ap.add_argument("--kda-kernel", action="store_true",
                     help="count our KDA layers with the one-kernel decode step (a stand-in; <= +1 kernel per layer)")
+    ap.add_argument("--route-kernel", action="store_true",
+                    help="count our MoE router as the one-kernel moe_route (a stand-in; <= +1 kernel per layer)")
     ap.add_argument("--ops", action="store_true", help="print each kind's op histogram, ours vs mlx-lm")
     a = ap.parse_args()
     mx.set_default_device(mx.cpu)
@@ -159,6 +175,10 @@ def main() -> None:
 
         kl.layer_kernel_ready = lambda *args: True
         kl.kda_decode_layer = _kda_layer_kernel_stand_in
+    if a.route_kernel:
+        from kimi_mlx import moe_route
+
+        moe_route._use_backend(_RouteKernelStandIn(), available=True)
     config = quantized_config(SMALL_CONFIG)
     theirs, ours, _ = build_models(config)
     paths = a.paths.split(",")
