@@ -96,6 +96,10 @@ def kernel_report() -> list[str]:
         problem = kda_metal_mod.layer_status(H, Dk, Dv, 4, dtype)
         lines.append(f"  kda layer step kernel ({backend}) H={H} D={Dk} {dtype}: "
                      + ("self-check passed" if problem is None else problem))
+    from . import moe_route  # the MoE router kernel (the released model: top-8 of 256 experts)
+
+    problem = moe_route.route_status(256, 8, True)
+    lines.append(f"  moe route kernel ({backend}) top-8 of 256: " + ("self-check passed" if problem is None else problem))
     if kda_metal_mod.kernel_status(H, Dk, Dv) is None:
         for T, label in ((1, "decode step"), (PREFILL_T, f"prefill {PREFILL_T}")):
             args = _inputs(T, H, Dk)

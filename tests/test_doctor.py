@@ -7,7 +7,7 @@ import mlx.core as mx
 from typer.testing import CliRunner
 
 from kimi_mlx.cli import app
-from kimi_mlx import doctor
+from kimi_mlx import doctor, moe_route
 from kimi_mlx.kda import metal
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,11 +34,14 @@ def test_doctor_reports_kernel_self_check_and_speed_on_metal(monkeypatch):
     monkeypatch.setattr(doctor, "PREFILL_T", 65)
     monkeypatch.delenv(metal.ENV_VAR, raising=False)
     metal._use_backend(metal.MetalKDA(emulate.kernel_factory("free")), available=True)
+    moe_route._use_backend(moe_route.RouteKernel(emulate.kernel_factory("free"), backend="emulator"), available=True)
     try:
         lines = doctor.kernel_report()
     finally:
         metal._use_backend(None)
+        moe_route._use_backend(None)
     text = "\n".join(lines)
+    assert "moe route kernel (emulator) top-8 of 256: self-check passed" in text
     assert "(emulator) H=2 D=32 mlx.core.float32: self-check passed" in text
     assert "kda layer step kernel (emulator) H=2 D=32 mlx.core.bfloat16: self-check passed" in text
     assert "decode step: kernels" in text and "prefill 65: kernels" in text and "mx.fast" in text

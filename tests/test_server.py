@@ -226,6 +226,35 @@ def test_a_seed_outside_uint64_is_a_400(live, seed):
     assert status == 200, body
 
 
+@pytest.mark.parametrize("option, value", [
+    ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"5": 100}), ("best_of", 2),
+    ("echo", True), ("suffix", "tail"), ("repetition_penalty", 1.2), ("frequency_penalty", "0"),
+    ("response_format", {"type": "json_object"}), ("response_format", "json"),
+])
+def test_options_that_would_be_ignored_are_a_400(live, option, value):
+    """An option the server does not implement, at a value that changes the reply, is refused with
+    a line naming it; its neutral value (what clients send by default) is accepted."""
+    status, body = live.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, option: value}).encode())
+    assert status == 400 and body["error"]["param"] == option, body
+
+
+def test_neutral_values_of_unsupported_options_are_accepted(live):
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1, "echo": False,
+               "suffix": "", "response_format": {"type": "text"}}
+    status, body = live.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, **neutral}).encode())
+    assert status == 200, body
+    status, body = live.post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **neutral}).encode())
+    assert status == 200, body
+
+
+def test_an_image_part_is_a_400_not_silently_dropped(live):
+    msg = {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                       {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    status, body = live.post("/v1/chat/completions", json.dumps({"messages": [msg], "max_tokens": 2}).encode())
+    assert status == 400 and "image_url" in body["error"]["message"] and "text only" in body["error"]["message"], body
+
+
 def test_queue_full_is_429(demo):
     """One row, no queue, the engine not turning: the second request is refused at once."""
     s = LiveServer(*demo, max_batch=1, max_queue=0, state_cache_mb=0)

@@ -92,6 +92,7 @@ def _get(body: dict, name: str, kinds, default=None, check=None, what: str = "")
 
 
 def _sampling(body: dict) -> tuple[SamplingParams, int, list[str]]:
+    _refuse_unsupported(body)
     num = (int, float)
     temperature = float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"))
     top_p = float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"))
@@ -109,6 +110,40 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, list[str]]:
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
     params = SamplingParams(sampling_temperature(temperature), top_p, top_k, min_p, seed)
     return params, _max_tokens(body), stop
+
+
+# OpenAI options this server does not implement, with the value that changes nothing (clients
+# often send these defaults); any other value would change the reply, so it is a 400 rather than
+# a reply that silently ignored it.
+UNSUPPORTED = {
+    "frequency_penalty": (0, "0 (penalties are not supported; repetition_penalty is not either)"),
+    "presence_penalty": (0, "0 (penalties are not supported)"),
+    "logit_bias": ({}, "an empty object (logit_bias is not supported)"),
+    "best_of": (1, "1 (one completion per request)"),
+    "echo": (False, "false (the prompt is not echoed)"),
+    "suffix": ("", "empty (insertion is not supported)"),
+    "repetition_penalty": (1, "1 (penalties are not supported)"),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first option this server would otherwise ignore while it changes the reply."""
+    for name, (neutral, what) in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not _is_neutral(value, neutral):
+            raise APIError(400, f"'{name}' must be {what}, not {value!r}", param=name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise APIError(400, "'response_format' must be {\"type\": \"text\"}: JSON modes are not supported "
+                       f"(the reply is free text), not {fmt!r}", param="response_format")
+
+
+def _is_neutral(value, neutral) -> bool:
+    if isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 def _max_tokens(body: dict) -> int | None:
@@ -132,6 +167,10 @@ def _messages(body: dict) -> list[dict]:
             raise APIError(400, f"messages[{i}].content must be text or a list of parts", param="messages")
         if isinstance(c, list) and not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in c):
             raise APIError(400, f"messages[{i}].content: each part must be an object with 'text'", param="messages")
+        other = [p.get("type") for p in c if p.get("type", "text") != "text"] if isinstance(c, list) else []
+        if other:  # an image the model cannot see would be dropped silently, and the reply made without it
+            raise APIError(400, f"messages[{i}].content: a part of type {other[0]!r}; this model reads text only",
+                           param="messages")
         if c is None and not m.get("tool_calls"):
             raise APIError(400, f"messages[{i}] has no content", param="messages")
     out = []
