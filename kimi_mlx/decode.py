@@ -312,8 +312,11 @@ def _mla_project(layer):
     fusion = _mla_fusion(layer)
 
     def project(x, *fused):
+        """x -> (absorbed queries [B, H*T, R+Dr], latent [B, T, R+Dr]): the query absorption
+        (fixed shapes) in the trace, not among the attention's eager ops."""
         h_in = layer.input_layernorm(x)
-        return layer.self_attn.project(h_in, fusion(h_in, fused) if fusion is not None else None)
+        q, latent = layer.self_attn.project(h_in, fusion(h_in, fused) if fusion is not None else None)
+        return layer.self_attn.absorb(q), latent
 
     return project
 

@@ -91,14 +91,25 @@ class MLAttention(nn.Module):
 
     def attend(self, q: mx.array, latent: mx.array, cache: LatentCache, mask: mx.array | None = None) -> mx.array:
         """Append latent to the cache, attend over it: -> o [B, H, T, R] (absorbed form: still in
-        the latent space) or [B, H, T, Dv] (expanded), float32 (or the cache's dtype when the keys
-        are one block); `output` finishes it."""
-        B, H, T, _ = q.shape
+        the latent space) or [B, H, T, Dv] (expanded), float32 (or the cache's dtype when all the
+        scores fit one block); `output` finishes it. q may also be `absorb(q)` already ([B, H*T,
+        R+Dr]: kimi_mlx.decode computes it inside its compiled projection step)."""
+        H = self.num_heads
+        B, T = (q.shape[0], q.shape[2]) if q.ndim == 4 else (q.shape[0], q.shape[1] // H)
         offset = cache.offset
         cache.update(latent, mask)  # the step attends to its own tokens as cached (maybe quantized)
         blocks = _key_blocks(cache.segments(), _block_size(B * H * T))
-        form = self._absorbed if self.absorbs(T) else self._expanded
-        return form(q, cache).attend(blocks, offset, cache.keys_valid)
+        if q.ndim == 3 or self.absorbs(T):
+            return self._absorbed(q if q.ndim == 3 else self.absorb(q), (B, H, T), cache).attend(
+                blocks, offset, cache.keys_valid)
+        return self._expanded(q, cache).attend(blocks, offset, cache.keys_valid)
+
+    def absorb(self, q: mx.array) -> mx.array:
+        """q [B, H, T, Dn+Dr] -> the absorbed queries [B, H*T, R+Dr]: q_n W_k^T per head beside q_r,
+        times the softmax scale."""
+        B, H, T, _ = q.shape
+        q_lat = self.embed_q(q[..., : self.nope_dim])  # [B, H, T, R]
+        return (mx.concatenate([q_lat, q[..., self.nope_dim:]], axis=-1) * self.scale).reshape(B, H * T, -1)
 
     def output(self, o: mx.array, dtype: mx.Dtype, absorbed: bool) -> mx.array:
         """o from `attend` -> [B, T, hidden]: W_v (absorbed form only), then o_proj."""
@@ -108,12 +119,11 @@ class MLAttention(nn.Module):
             o = self.unembed_out(o)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
-    def _absorbed(self, q: mx.array, cache: LatentCache) -> "_Attention":
-        """Scores and output in the latent space: q_lat = q_n W_k^T, then W_v on the result."""
-        B, H, T, _ = q.shape
+    def _absorbed(self, q_cat: mx.array, shape: tuple[int, int, int], cache: LatentCache) -> "_Attention":
+        """Scores and output in the latent space: q_cat = absorb(q) [B, H*T, R+Dr] (q_n W_k^T
+        beside q_r, scaled), then W_v on the result (`output`). shape: (B, H, T)."""
+        B, H, T = shape
         R, bits, group = self.rank, cache.kv_bits, cache.group_size
-        q_lat = self.embed_q(q[..., : self.nope_dim])  # [B, H, T, R]
-        q_cat = (mx.concatenate([q_lat, q[..., self.nope_dim:]], axis=-1) * self.scale).reshape(B, H * T, -1)
 
         if bits is not None and R % group == 0:  # values are whole groups: read them quantized
             extra = -q_cat.shape[-1] % group  # pages are zero-padded to whole groups
