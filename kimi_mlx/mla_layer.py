@@ -170,8 +170,9 @@ class _Attention:
     """softmax(scores) @ values over key blocks, one block at a time (online softmax, fp32).
 
     block(arrays) -> (scores [B, H, T, n] scaled, pv(p) -> p @ V [B, H, T, D]); `attend` returns
-    the normalised output [B, H, T, D]: fp32 over several blocks (online softmax), the values'
-    dtype when all the scores fit one block (one block, or a decode step over several pages).
+    the normalised output [B, H, T, D]: the values' dtype over one block, fp32 over several (one
+    softmax over them all when their scores fit one block: a decode step over several pages;
+    else the online softmax).
     Query i sits at position offset + i and sees the keys at positions <= its own that are valid
     (keys_valid [B, S], False = left padding).
     """
@@ -198,9 +199,9 @@ class _Attention:
             sizes = [s.shape[-1] for s in scores]
             p = mx.softmax(mx.concatenate(scores, axis=-1), axis=-1, precise=True)
             ps = mx.split(p, [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)], axis=-1)
-            out = parts[0][1](ps[0])
+            out = parts[0][1](ps[0]).astype(mx.float32)  # the pages' sums in fp32 (a million keys: 16 pages)
             for (_, pv), pi in zip(parts[1:], ps[1:]):
-                out = out + pv(pi)
+                out = out + pv(pi).astype(mx.float32)
             return out
         m = l = acc = None
         pending = 0  # bytes of fp32 scores queued since the last evaluation
