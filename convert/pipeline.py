@@ -30,6 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from kimi_mlx.errors import KimiError
+from kimi_mlx.files import expand_user
 
 from .plan import Plan, make_plan
 from .readahead import Readahead
@@ -120,10 +121,7 @@ def _output_path(dst: str | Path) -> Path:
     """DST made absolute (so '.' and '..' have a name to put '.partial' after); links kept as links."""
     if not str(dst).strip() or "\0" in str(dst):  # '' would be the current folder; NUL cannot name a file
         raise KimiError(f"{str(dst)!r}: not a folder name for the output; pass a new folder, e.g. kimi-4bit")
-    try:
-        path = Path(os.path.abspath(Path(dst).expanduser()))
-    except RuntimeError:  # ~user that does not exist
-        raise KimiError(f"{dst}: no home folder for that ~user; pass another output folder") from None
+    path = Path(os.path.abspath(expand_user(dst, "pass another output folder")))
     if not path.name:
         raise KimiError(f"{dst}: not a folder name for the output; pass a new folder, e.g. {Path(dst) / 'kimi-4bit'}")
     parent = next(p for p in path.parents if p.exists() or p.is_symlink())  # the nearest one that exists

@@ -86,9 +86,9 @@ def open_source(src: str | Path) -> Source:
     """A local folder or `org/name` on the hub -> a validated Source (nothing read but headers)."""
     if not str(src).strip() or "\0" in str(src):  # '' would be the current folder
         raise KimiError(f"{str(src)!r}: not a checkpoint folder or hub repo id; pass the folder that holds config.json")
-    from kimi_mlx.loading import expand_user
+    from kimi_mlx.files import expand_user
 
-    local = expand_user(src)
+    local = expand_user(src, "pass the checkpoint folder that holds config.json")
     repo_id = revision = None
     if str(src) == "demo" and not local.exists():  # the shipped demo model, as everywhere else
         from kimi_mlx.loading import demo_model_path

@@ -70,7 +70,11 @@ def _compiled(layer, key: tuple, build):
     trace of it failed before (then the eager path runs)."""
     cache = layer.__dict__.setdefault("_decode_fns", {})  # instance attribute, not a parameter
     if key not in cache:
-        reduced_fp32_matmul()  # its one-time probe evaluates arrays: not inside a trace
+        # One-time probes and self-checks evaluate arrays: before the trace, not inside it.
+        reduced_fp32_matmul()
+        bias = getattr(layer.mlp, "e_score_correction_bias", None)
+        if bias is not None:  # a routed MoE: whether its router is the kernel (a trace constant)
+            route_ready(bias.shape[0], layer.mlp.top_k, layer.mlp.renormalize)
         cache[key] = mx.compile(build(), inputs=layer)
     return cache[key]
 
@@ -336,9 +340,6 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
     None when this step should run eagerly instead (the caller then runs the layer as usual)."""
     if get_decode_path() != "compiled":
         return None
-    bias = getattr(layer.mlp, "e_score_correction_bias", None)
-    if bias is not None:  # a routed MoE: the route kernel's one-time self-check, outside the traces
-        route_ready(bias.shape[0], layer.mlp.top_k, layer.mlp.renormalize)
     if layer.is_kda:
         if cache.conv is None:  # a fresh cache: zero windows and state, as the layer would start
             attn = layer.self_attn

@@ -9,9 +9,19 @@ caller passes) naming the file, what is wrong and what to do, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import KimiError, ModelFormatError
+
+
+def expand_user(path: str | os.PathLike, fix: str) -> Path:
+    """Path(path).expanduser(); ~user for a user that does not exist is a KimiError naming the
+    path (Python raises RuntimeError 'Could not determine home directory'). `fix`: what to do."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise KimiError(f"{path}: no home folder for that ~user; {fix}") from None
 
 
 # The largest small file read whole (config, index, tokenizer files, chat template): the released
@@ -43,16 +53,11 @@ def read_text(path: str | Path, fix: str, error: type[KimiError] = ModelFormatEr
               missing: str = "not found") -> str:
     """The file's text (UTF-8). `fix` says what to do; `missing` what a missing file means."""
     path = Path(path)
+    data = read_bytes(path, fix, error, missing)  # missing, a folder, unreadable, too large: its errors
     try:
-        return read_bytes(path, fix, error, missing).decode("utf-8")
-    except FileNotFoundError:
-        raise error(f"{path}: {missing}; {fix}") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a folder, not a file; {fix}") from None
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); {fix}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e}); {fix}") from None
 
 
 def read_json_object(path: str | Path, fix: str, error: type[KimiError] = ModelFormatError,

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .dtypes import check_load_dtype, dtype_name, held_float_dtype
 from .errors import KimiError, ModelFormatError
+from .files import expand_user
 from .weights import to_mlx_layout
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def resolve_model_path(path: str | Path) -> Path:
         raise KimiError(f"model path {path!r}: give a folder, a hub repo id (org/name) or 'demo'")
     if str(path) == "demo":
         return demo_model_path()
-    local = expand_user(path)
+    local = expand_user(path, "give a model folder, a hub repo id (org/name) or 'demo'")
     if local.is_dir():
         return local
     if local.exists():
@@ -236,16 +237,8 @@ def resolve_model_path(path: str | Path) -> Path:
     return download_repo(text)
 
 
-def expand_user(path: str | os.PathLike) -> Path:
-    """Path(path).expanduser(); an unknown user (~nobody-here/x) is a KimiError (Python raises
-    RuntimeError 'Could not determine home directory')."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise KimiError(f"{path}: no such model folder (no home folder for that ~user)") from None
-
-
 def invalid_repo_id(repo_id: str) -> KimiError:
+    """The error for a name that is no folder and that the hub's validator refuses (loading, convert)."""
     return KimiError(f"{repo_id}: no such folder, and not a hub repo id (org/name: letters, digits, '-', '_', '.')")
 
 

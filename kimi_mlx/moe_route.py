@@ -69,7 +69,6 @@ class RouteKernel:
 
     def __init__(self, factory=None, backend: str = "metal", source=None):
         self.factory = factory or mx.fast.metal_kernel
-        self.backend = backend
         self.source = source or SOURCE
         prefix = CUDA_COMPAT if backend == "cuda" else ""
         # MLX caches a kernel by name (CUDA: on disk too): the source's digest is part of it.
@@ -78,13 +77,13 @@ class RouteKernel:
         self._kernel = None
 
     def __call__(self, logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
-        """The contract of moe.route (logits [..., E], any leading shape)."""
+        """route_ops's contract (logits [..., E], any leading shape)."""
         if self._kernel is None:
             s = self.source
             self._kernel = self.factory(name=self.name, input_names=list(s.input_names),
                                         output_names=list(s.output_names), source=s.body, header=s.header)
         *lead, E = logits.shape
-        N = int(np.prod(lead)) if lead else 1
+        N = logits.size // E
         threads = threads_for(E)
         ids, weights = self._kernel(
             inputs=[logits.reshape(N, E).astype(mx.float32), bias.astype(mx.float32),
@@ -191,15 +190,16 @@ def route_ready(E: int, top_k: int, renormalize: bool) -> bool:
         return True
     if mode == "metal":
         raise RuntimeError(f"moe_route: kernels forced (mode 'metal') but {problem}")
-    if problem not in _warned and _current()[0] is not None:  # on the CPU the reference is the plan, no warning
+    if problem not in _warned:  # once per reason; on the CPU the reference is the plan, no warning
         _warned.add(problem)
-        warnings.warn(f"moe_route: {problem}; using the MLX ops router", RuntimeWarning, stacklevel=3)
+        if _current()[0] is not None:
+            warnings.warn(f"moe_route: {problem}; using the MLX ops router", RuntimeWarning, stacklevel=3)
     return False
 
 
 def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
     """logits [..., E] -> (expert ids [..., k] uint32, weights [..., k] fp32): the kernel when
-    `route_ready`, else moe.route (see the module docstring)."""
+    `route_ready`, else route_ops (see the module docstring)."""
     if route_ready(logits.shape[-1], top_k, renormalize):
         return _current()[1](logits, bias, top_k, renormalize, scale)
     return route_ops(logits, bias, top_k, renormalize, scale)

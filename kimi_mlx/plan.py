@@ -38,13 +38,14 @@ from .cache import KV_GROUP_SIZE, LatentCache
 from .config import ModelArgs, read_config
 from .dtypes import FLOAT_BYTES, FP32_PARAMS, dtype_name, experts_fp32, held_float_dtype
 from .errors import KimiError, ModelFormatError
+from .files import expand_user
+from .kda.chunked import CHUNK as KDA_CHUNK  # the chunked KDA prefill's chunk
 from .loading import check_safetensors, demo_model_path, resolve_model_path, safetensors_files
 from .mla_layer import ABSORB_MAX_QUERIES, _block_size
 
 MAX_CONTEXT = 1048576  # the released model's model_max_length (ModelArgs' default when config.json lacks it)
 DEFAULT_PREFILL_STEP = 512  # = kimi_mlx.generate.DEFAULT_PREFILL_STEP (not imported: generate may import us)
 MARGIN = 0.9  # a plan fits when its total is at most this share of the memory available
-KDA_CHUNK = 64  # chunk size of the chunked KDA prefill (kimi_mlx/kda/chunked.py)
 DTYPE_BYTES = FLOAT_BYTES
 BACKENDS = ("cpu", "gpu")
 
@@ -462,7 +463,7 @@ def gib_to_bytes(memory_gb: float) -> int:
 def plan_for_path(path: str | Path, context: int, **kwargs) -> MemoryPlan:
     """plan_memory for a model folder (config.json is enough), 'demo', or a hub repo id (only its
     config.json is downloaded). Safetensors in the folder add their size on disk as a cross-check."""
-    local = Path(path).expanduser()
+    local = expand_user(path, "give a model folder, a hub repo id (org/name) or 'demo'")
     if str(path) == "demo":
         folder = demo_model_path()
     elif local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):

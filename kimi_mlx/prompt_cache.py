@@ -27,6 +27,7 @@ import numpy as np
 
 from .cache import KDACache
 from .errors import KimiError
+from .files import expand_user
 
 PROMPT_CACHE_FORMAT = "kimi-mlx-prompt-cache"
 FILE_VERSION = "1"
@@ -48,10 +49,7 @@ def file_path(path: str | os.PathLike) -> Path:
     KimiError, not the TypeError of Path()."""
     if not isinstance(path, (str, os.PathLike)):
         raise KimiError(f"{path!r}: not a file name (give a str or a path)")
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:  # ~user that does not exist
-        raise KimiError(f"{path}: no home folder for that ~user; give another file name") from None
+    return expand_user(path, "give another file name")
 
 
 def check_output_file(path: str | os.PathLike) -> Path:

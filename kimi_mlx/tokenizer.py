@@ -34,6 +34,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import KimiError
+from .files import expand_user, read_bytes, read_json_object, read_text
 
 TIKTOKEN_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -142,8 +143,6 @@ def read_tiktoken_model(path: Path) -> dict[bytes, int]:
     path = Path(path)
     if not path.exists():
         raise _fail(path, "missing (the tokenizer is tiktoken.model + tokenizer_config.json)", _REDOWNLOAD)
-    from .files import read_bytes
-
     data = read_bytes(path, _REDOWNLOAD, KimiError)  # a folder, unreadable, /dev/zero: one line
     if data.startswith(b"version https://git-lfs"):
         raise _fail(path, "is a Git LFS pointer, not the vocabulary", "run `git lfs pull` or " + _REDOWNLOAD)
@@ -185,8 +184,6 @@ def _rank_problem(ranks: Mapping[bytes, int]) -> str | None:
 
 def _read_json(path: Path) -> dict:
     """Read a JSON object, turning a syntax error into a one-line error with its line."""
-    from .files import read_json_object
-
     return read_json_object(path, _REDOWNLOAD, KimiError, missing="missing (it names the chat and control tokens)")
 
 
@@ -233,8 +230,6 @@ def _read_chat_template(folder: Path, config: Mapping) -> tuple[str | None, str]
     """The checkpoint's template and where it came from; chat_template.jinja wins, as in HF."""
     jinja_path = folder / TEMPLATE_FILE
     if jinja_path.exists():
-        from .files import read_text
-
         return read_text(jinja_path, "fix or delete it (tokenizer_config.json's template is used then)",
                          KimiError), str(jinja_path)
     template = config.get("chat_template")
@@ -248,7 +243,7 @@ def _read_chat_template(folder: Path, config: Mapping) -> tuple[str | None, str]
 
 def load_tokenizer(path: str | Path) -> KimiTokenizer:
     """Load Kimi's tokenizer from a model folder (tiktoken.model + tokenizer_config.json)."""
-    folder = Path(path).expanduser()
+    folder = expand_user(path, "pass the folder that holds tiktoken.model")
     if not folder.is_dir():
         raise KimiError(f"{folder}: not a model folder; pass the folder that holds tiktoken.model")
     ranks = read_tiktoken_model(folder / TIKTOKEN_FILE)
@@ -648,11 +643,11 @@ class StreamingDetokenizer:
         """Feed one id; return the text it completed ("" while a character is partial).
         A bad id (see KimiTokenizer.token_bytes) is a TokenIdError and changes nothing."""
         token_id = as_token_id(token_id)
-        self._tokenizer.token_bytes(token_id)  # checked before it joins self.tokens
+        data = self._tokenizer.token_bytes(token_id)  # a bad id raises here, before it joins self.tokens
         self.tokens.append(token_id)
         if token_id in self._skip:
             return ""
-        return self._emit(self._decoder.decode(self._tokenizer.token_bytes(token_id)))
+        return self._emit(self._decoder.decode(data))
 
     def finalize(self) -> str:
         """Flush held-back bytes at the end of the reply (a dangling partial char -> U+FFFD)."""

@@ -600,10 +600,19 @@ def test_demo_evaluate_refuses_bad_input_in_one_line(args, needle, capsys):
     (["convert", "~no-such-user-h14/x", "out"], "no home folder"),
     (["convert", "demo", "~no-such-user-h14/out"], "no home folder"),
     (["cache-prompt", "~no-such-user-h14/c.safetensors", "-p", "hi"], "no home folder"),
-    (["generate", "--prompt-cache", "~no-such-user-h14/c.safetensors", "-p", "hi"], "no home folder")])
+    (["generate", "--prompt-cache", "~no-such-user-h14/c.safetensors", "-p", "hi"], "no home folder"),
+    (["plan", "-m", "~no-such-user-h14/x", "-c", "1000"], "no home folder")])
 def test_names_that_are_not_a_folder_nor_a_repo_id_are_one_line(args, needle, tmp_path, monkeypatch):
     """A repo id the hub's validator refuses was its HFValidationError traceback; ~user for a user
     that does not exist was Python's RuntimeError 'Could not determine home directory'."""
     monkeypatch.chdir(tmp_path)
     one_line_exit_2(CliRunner().invoke(app, args), needle)
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_load_tokenizer_from_an_unknown_users_home_is_a_kimi_error():
+    from kimi_mlx.tokenizer import load_tokenizer
+
+    with pytest.raises(KimiError, match="no home folder for that ~user"):
+        load_tokenizer("~no-such-user-h14/x")

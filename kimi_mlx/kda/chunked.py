@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from ..precision import fp32_matmul as mm  # every product here needs float32 (TF32 GPUs: 3 passes)
 
+CHUNK = 64  # tokens per chunk (kda_chunked's default; kimi_mlx.plan and kda.metal read it)
 # Block sizes of the decay-gram hierarchy: a 64-chunk splits into 4 x 16, each 16 into 4 x 4,
 # each 4 goes diagonal by diagonal. See _decay_gram for why.
 GRAM_BLOCKS = (16, 4)
@@ -163,7 +164,7 @@ def kda_chunked(
     g: mx.array,
     beta: mx.array,
     state: mx.array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK,
 ) -> tuple[mx.array, mx.array]:
     """KDA over T tokens in chunks of `chunk_size` (T need not be a multiple).
 

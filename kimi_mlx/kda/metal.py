@@ -49,7 +49,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..precision import relative_error
-from .chunked import kda_chunked
+from .chunked import CHUNK, kda_chunked  # CHUNK: the ops fallback chunks from this many tokens
 from .naive import kda_naive
 from .prologue import decode_layer_ops, prologue
 from ..switch import PathSwitch
@@ -68,7 +68,6 @@ CUDA_HEADER = "cuda_compat.h"  # in METAL_DIR: the Metal names the bodies use, a
 ENV_VAR = "KIMI_MLX_KERNELS"
 MODES = ("auto", "metal", "ops")
 _switch = PathSwitch("kernel mode", ENV_VAR, MODES)  # registers ENV_VAR for check_environment
-CHUNK = 64  # kda_chunked's chunk: the ops fallback takes it from this many tokens
 DECODE_THREADS, DECODE_ROWS = 128, 32  # threads and Dv rows per threadgroup: plain kda_decode's template args
 # Relative error the self-check allows against kda_naive, by input dtype: the GPU sums in another
 # order (and may compile with fast math); the bugs planted in the tests are off by >= 5e-2.
