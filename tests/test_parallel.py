@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -475,6 +476,11 @@ def test_serve_through_two_ranks_answers_as_one_process(tmp_path, demo32, one_pr
     assert counters["kimi_mlx_engine_decode_steps_total"] < sum(u["completion_tokens"] for _, u in got) + 1000
 
 
+# MLX's ring backend (its C++) prints this itself when a peer's socket is gone (EPIPE), before the
+# error reaches us: not kimi-mlx's output and not ours to silence (seen once in a clean-clone CI run).
+MLX_RING_SOCKET_NOTE = re.compile(r"^(Sending to|Receiving from) socket \d+ failed with errno \d+$")
+
+
 @pytest.mark.parametrize("when", ["idle", "mid-stream"])
 def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32, when):
     """Rank 1 dies. Idle: rank 0's next heartbeat tick finds the connection lost. In the middle of
@@ -512,7 +518,8 @@ def test_serve_rank_lost_ends_rank_0_with_one_line(tmp_path, demo32, when):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    lines = [line for line in err.decode().splitlines() if not line.startswith("INFO:")]  # uvicorn's log
+    lines = [line for line in err.decode().splitlines()
+             if not line.startswith("INFO:") and not MLX_RING_SOCKET_NOTE.match(line)]  # uvicorn's log, MLX's note
     assert len(lines) == 1, lines
     if lines[0].startswith("error: rank 0: lost the connection to another rank"):
         assert procs[0].returncode == 2
