@@ -538,7 +538,7 @@ def prefill_section(ours, theirs, config: dict, sizes, a, deadline: Deadline) ->
 
 
 def fused_duplicate_bytes(model) -> int:
-    """Bytes of our decode-fused weight buffers (kimi_mlx.decode FusedParams). In normal use the
+    """Bytes of our decode-fused weight buffers (kimi_mlx.fused). In normal use the
     layers' weights become views of them (no extra memory); here mlx-lm's model still holds the
     original arrays, so in this bench they are a second copy resident beside the shared weights."""
     n = 0
@@ -546,7 +546,8 @@ def fused_duplicate_bytes(model) -> int:
         for key in ("_decode_fusions", "_mla_fusion", "_mlp_fusion"):
             f = layer.__dict__.get(key)
             for fp in (f if isinstance(f, list) else [f]) if f is not None else []:
-                n += sum(x.nbytes for x in fp._arrays)
+                parts = [fp.gate_up, fp.down] if hasattr(fp, "gate_up") else [fp]  # FusedMoE: two buffers
+                n += sum(x.nbytes for part in parts for x in part._arrays)
     return n
 
 

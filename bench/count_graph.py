@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,7 +68,12 @@ class _RouteKernelStandIn:
     elementwise kernel for the weights, so a count with it is at most one kernel per MoE layer
     above a GPU's."""
 
-    def __call__(self, logits, bias, top_k, renormalize, scale):
+    def __call__(self, logits, bias, top_k, renormalize, scale, shared=False):
+        if shared:  # rows [..., 2k+2] (kimi_mlx.fused.FusedMoE): a constant plus one elementwise kernel
+            E = logits.shape[-1]
+            rows = mx.array(np.array([*range(top_k), E, *range(E + 1, E + 1 + top_k), 2 * E + 1], np.uint32))
+            ids = rows + (logits[..., :1] * 0).astype(mx.uint32)
+            return ids, ids[..., : top_k + 1].astype(mx.float32) * scale
         ids = mx.argpartition(logits, kth=top_k - 1, axis=-1)[..., :top_k]
         return ids, ids.astype(mx.float32) * scale
 

@@ -10,8 +10,9 @@ compiled (all of it backend-neutral MLX, so Metal and CUDA gain alike):
   * an MLA layer in two pieces around the attention over the latent cache (whose key count grows
     every token, so it stays eager): the projections to q and the latent; then W_v, o_proj, the
     residual and the MLP / MoE.
-Inside the traces, matmuls that read the same input run as one (FusedLinears: q/k/v, f_a/g_a/b,
-MLA q/kv_a, SwiGLU gate/up) and a KDA layer's three convs as one over 3C channels
+Inside the traces, matmuls that read the same input run as one (kimi_mlx/fused.py: q/k/v,
+f_a/g_a/b, MLA q/kv_a, SwiGLU gate/up; a MoE's routed and shared experts as one gather for
+gate/up and one for down), and a KDA layer's three convs as one over 3C channels
 (`_kda_attention`, checked against the eager layer by tests/test_decode.py).
 The compiled functions take the layer's parameters as inputs (`inputs=layer`), so loading new
 weights into a model needs no re-trace; a change of path switch (KDA path, kernel mode, expert
@@ -31,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KDACache
+from .fused import FusedLinears, FusedMoE, FusedParams
 from .kda import get_kda_path, kda_decode_layer, kda_update
 from .kda.prologue import l2_normalize, output_gate
 from .moe_route import route_ready
@@ -105,66 +107,6 @@ def _run(layer, kind: str, x: mx.array, build, *args):
         return None
 
 
-class FusedParams:
-    """Parameters of several modules concatenated along their first axis, made once; the modules'
-    own parameters then become row slices of it (views: no extra memory), and it is made again if
-    any of them is replaced (new weights loaded)."""
-
-    def __init__(self, modules: list, names: list[str]):
-        self.linears, self.names = modules, names
-        self.sizes = [m[names[0]].shape[0] for m in modules]
-        self._ids: tuple | None = None
-        self._arrays: list[mx.array] = []
-
-    @staticmethod
-    def supported(linears: list) -> bool:
-        a = linears[0]
-        if isinstance(a, nn.QuantizedLinear):
-            same = lambda b: (isinstance(b, nn.QuantizedLinear) and (b.bits, b.group_size, b.mode)  # noqa: E731
-                              == (a.bits, a.group_size, a.mode) and ("biases" in b) == ("biases" in a))
-        else:
-            same = lambda b: type(b) is nn.Linear and b.weight.dtype == a.weight.dtype  # noqa: E731
-        return type(a) in (nn.Linear, nn.QuantizedLinear) and all(same(b) and "bias" not in b for b in linears)
-
-    def arrays(self) -> list[mx.array]:
-        """The fused arrays (weight, then scales and biases when quantized), built when needed."""
-        ids = tuple(id(lin[n]) for lin in self.linears for n in self.names)
-        if ids != self._ids:
-            self._arrays = [mx.concatenate([lin[n] for lin in self.linears]) for n in self.names]
-            mx.eval(self._arrays)
-            start = 0
-            for lin, size in zip(self.linears, self.sizes):
-                for n, fused in zip(self.names, self._arrays):
-                    lin[n] = fused[start:start + size]  # a view of the fused buffer
-                start += size
-            mx.eval([lin[n] for lin in self.linears for n in self.names])
-            self._ids = tuple(id(lin[n]) for lin in self.linears for n in self.names)
-        return self._arrays
-
-
-class FusedLinears(FusedParams):
-    """Linears that read the same input, run as ONE matmul over their concatenated weights (a
-    decode step's GEMVs are launch-bound: 6 -> 2 per KDA layer). Quantized linears must share
-    bits, group size and mode; none may have a bias."""
-
-    def __init__(self, linears: list):
-        super().__init__(linears, ["weight"] + (["scales"] + (["biases"] if "biases" in linears[0] else [])
-                                               if isinstance(linears[0], nn.QuantizedLinear) else []))
-
-    def matmul(self, x: mx.array, arrays: list[mx.array]) -> mx.array:
-        """x [..., in] -> all outputs side by side [..., sum of outs] (`arrays` from .arrays(),
-        passed into the trace)."""
-        a = self.linears[0]
-        if isinstance(a, nn.QuantizedLinear):
-            return mx.quantized_matmul(x, *arrays, transpose=True, group_size=a.group_size, bits=a.bits, mode=a.mode)
-        return x @ arrays[0].T
-
-    def __call__(self, x: mx.array, arrays: list[mx.array]) -> list[mx.array]:
-        """x [..., in] -> one output per linear."""
-        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
-        return mx.split(self.matmul(x, arrays), cuts, axis=-1)
-
-
 def _kda_fusions(layer) -> list[FusedParams] | None:
     """The KDA layer's input projections as two fused matmuls (q, k, v; f_a, g_a, b) and its three
     short convs as one over 3C channels, or None."""
@@ -209,13 +151,17 @@ def _kda_attention(attn, x: mx.array, windows, state, qkv: mx.array, fgb, conv_w
     return attn.o_proj(o.reshape(B, T, C)), mx.split(xs[:, T:], 3, axis=-1), state
 
 
-def _mlp_fusion(layer) -> FusedLinears | None:
-    """The SwiGLU's gate and up projections (dense MLP, or the MoE's shared expert) as one matmul."""
+def _mlp_fusion(layer) -> FusedMoE | FusedLinears | None:
+    """The feed-forward block's fusion: a MoE's routed and shared experts as one gather (FusedMoE),
+    else the SwiGLU's gate and up projections (dense MLP, or the MoE's shared expert) as one matmul."""
     if "_mlp_fusion" not in layer.__dict__:
-        swiglu = getattr(layer.mlp, "shared_experts", layer.mlp)
-        group = [swiglu.gate_proj, swiglu.up_proj] if swiglu is not None and hasattr(swiglu, "gate_proj") else None
-        ok = group is not None and FusedLinears.supported(group)
-        layer.__dict__["_mlp_fusion"] = FusedLinears(group) if ok else None
+        if FusedMoE.supported(layer.mlp):
+            layer.__dict__["_mlp_fusion"] = FusedMoE(layer.mlp)
+        else:
+            swiglu = getattr(layer.mlp, "shared_experts", layer.mlp)
+            group = [swiglu.gate_proj, swiglu.up_proj] if swiglu is not None and hasattr(swiglu, "gate_proj") else None
+            ok = group is not None and FusedLinears.supported(group)
+            layer.__dict__["_mlp_fusion"] = FusedLinears(group) if ok else None
     return layer.__dict__["_mlp_fusion"]
 
 
@@ -223,10 +169,10 @@ def _fused_arrays(fusions: list) -> list[mx.array]:
     return [a for f in fusions if f is not None for a in f.arrays()]
 
 
-def _mlp_half(layer, h: mx.array, fusion: FusedLinears | None, arrays) -> mx.array:
-    """h + MLP(post_attention_layernorm(h)), the gate/up pair fused when it can be."""
+def _mlp_half(layer, h: mx.array, fusion: FusedMoE | FusedLinears | None, arrays) -> mx.array:
+    """h + MLP(post_attention_layernorm(h)), on the layer's fusion when it has one."""
     z = layer.post_attention_layernorm(h)
-    return h + layer.mlp(z, fusion(z, arrays) if fusion is not None else None)
+    return h + (fusion.run(layer.mlp, z, arrays) if fusion is not None else layer.mlp(z))
 
 
 def _kda_step(layer, kernel: bool = False):

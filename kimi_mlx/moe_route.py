@@ -3,6 +3,8 @@ weights) as ONE GPU kernel, metal/moe_route.metal, beside its reference in MLX o
 
     route(logits [..., E] fp32, bias [E] fp32, top_k, renormalize, scale)
         -> (ids [..., k] uint32, weights [..., k] fp32)
+    route(..., shared=True)   (the shared expert as expert E, weight 1: kimi_mlx/fused.py)
+        -> (rows [..., 2k+2] uint32 = (ids, E, ids + E + 1, 2E + 1), weights [..., k+1] fp32)
 
 `moe.route` is the reference (the math of the checkpoint's router, 6 kernels per MoE layer and
 decode step: a decode step is launch-bound, bench/gpu/NOTES.md); `route_kernel` is the same
@@ -49,6 +51,16 @@ def route_ops(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, s
     return ids, weights * scale
 
 
+def with_shared(ids: mx.array, weights: mx.array, num_experts: int):
+    """(ids [..., k], weights [..., k]) -> the shared=True form: rows [..., 2k+2] of the stacked
+    gate/up weights (ids, E, ids + E + 1, 2E + 1) and weights [..., k+1] (weights, 1)."""
+    E = num_experts
+    one = mx.ones((*ids.shape[:-1], 1), mx.uint32)
+    ids = mx.concatenate([ids.astype(mx.uint32), E * one], axis=-1)  # [..., k+1]
+    rows = mx.concatenate([ids, ids + (E + 1)], axis=-1)
+    return rows, mx.concatenate([weights, one.astype(weights.dtype)], axis=-1)
+
+
 def _load():
     try:
         return load_sources(METAL_DIR / "moe_route.metal")["moe_route"], None
@@ -76,8 +88,9 @@ class RouteKernel:
                                                   .encode()).hexdigest()[:10]
         self._kernel = None
 
-    def __call__(self, logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
-        """route_ops's contract (logits [..., E], any leading shape)."""
+    def __call__(self, logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float,
+                 shared: bool = False):
+        """route's contract (logits [..., E], any leading shape)."""
         if self._kernel is None:
             s = self.source
             self._kernel = self.factory(name=self.name, input_names=list(s.input_names),
@@ -88,13 +101,14 @@ class RouteKernel:
         ids, weights = self._kernel(
             inputs=[logits.reshape(N, E).astype(mx.float32), bias.astype(mx.float32),
                     mx.array([scale], mx.float32)],
-            template=[("E", E), ("K", top_k), ("Threads", threads), ("Renorm", bool(renormalize))],
+            template=[("E", E), ("K", top_k), ("Threads", threads), ("Renorm", bool(renormalize)),
+                      ("Shared", bool(shared))],
             grid=(threads, N, 1),
             threadgroup=(threads, 1, 1),
-            output_shapes=[(N, top_k), (N, top_k)],
+            output_shapes=[(N, 2 * top_k + 2), (N, top_k + 1)] if shared else [(N, top_k), (N, top_k)],
             output_dtypes=[mx.uint32, mx.float32],
         )
-        return mx.stop_gradient(ids).reshape(*lead, top_k), weights.reshape(*lead, top_k)
+        return mx.stop_gradient(ids).reshape(*lead, ids.shape[-1]), weights.reshape(*lead, weights.shape[-1])
 
     def self_check(self, E: int, top_k: int, renormalize: bool) -> str | None:
         """Against route_ops on random logits and bias (7 tokens), then a token whose choices all
@@ -111,6 +125,10 @@ class RouteKernel:
             ids, _ = self(mx.full((1, E), 0.25), mx.zeros((E,)), top_k, renormalize, 1.0)
             if sorted(np.array(ids)[0].tolist()) != list(range(top_k)):
                 return f"moe_route broke a tie for {sorted(np.array(ids)[0].tolist())}, not the lowest indices ({where})"
+            rows, w = self(logits, bias, top_k, renormalize, 2.5, shared=True)
+            ref_rows, ref_w = with_shared(*self(logits, bias, top_k, renormalize, 2.5), E)
+            if not (mx.array_equal(rows, ref_rows) and mx.array_equal(w, ref_w)).item():
+                return f"moe_route with the shared expert differs from its plain output plus the shared slot ({where})"
         except Exception as e:  # a kernel that does not compile or launch
             return _failure(e)
         return None
@@ -197,9 +215,11 @@ def route_ready(E: int, top_k: int, renormalize: bool) -> bool:
     return False
 
 
-def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float):
-    """logits [..., E] -> (expert ids [..., k] uint32, weights [..., k] fp32): the kernel when
-    `route_ready`, else route_ops (see the module docstring)."""
+def route(logits: mx.array, bias: mx.array, top_k: int, renormalize: bool, scale: float, shared: bool = False):
+    """logits [..., E] -> (expert ids [..., k] uint32, weights [..., k] fp32), or with `shared`
+    the rows and weights of with_shared: the kernel when `route_ready`, else route_ops (see the
+    module docstring)."""
     if route_ready(logits.shape[-1], top_k, renormalize):
-        return _current()[1](logits, bias, top_k, renormalize, scale)
-    return route_ops(logits, bias, top_k, renormalize, scale)
+        return _current()[1](logits, bias, top_k, renormalize, scale, shared)
+    out = route_ops(logits, bias, top_k, renormalize, scale)
+    return with_shared(*out, logits.shape[-1]) if shared else out

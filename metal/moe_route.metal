@@ -8,13 +8,17 @@
 // The same body runs as Metal (mx.fast.metal_kernel) and as CUDA (mx.fast.cuda_kernel, with
 // metal/cuda_compat.h before this header), and on the CPU emulator in tests.
 //
-// Buffers (N tokens, E experts; E, K, Threads, Renorm are template parameters):
+// Buffers (N tokens, E experts):
 //   logits  [N, E]  float32 router logits
 //   bias    [E]     float32 e_score_correction_bias
 //   scale   [1]     float32 routed_scaling_factor (an array: see kda_decode.metal's `sizes`)
 //   ids     [N, K]  uint32, in the order chosen (largest choice first)
 //   weights [N, K]  float32
-// Grid (Threads, N, 1), threadgroup (Threads, 1, 1); Threads a multiple of 32, K <= E.
+// With Shared (the shared expert rides as expert E with weight 1, kimi_mlx/fused.py's FusedMoE):
+//   ids     [N, 2K+2]  rows of the stacked gate/up weights: (ids, E, ids + E + 1, 2E + 1)
+//   weights [N, K+1]   (weights, 1)
+// Grid (Threads, N, 1), threadgroup (Threads, 1, 1); Threads a multiple of 32, K <= E; E, K, Threads,
+// Renorm, Shared are template parameters.
 // Thread t owns experts t, t + Threads, ...; each of the K rounds takes the largest free choice
 // of the threadgroup (a SIMD reduction, then one over the SIMD groups) and frees it no more.
 // A NaN choice counts as the lowest value (the ids stay in range whatever the logits).
@@ -97,6 +101,18 @@
     if (Renorm) {
       w = w / (total + 1e-20f);
     }
-    weights[n * K + t] = w * scale[0];
-    ids[n * K + t] = uint(chosen_index[t]);
+    const uint id = uint(chosen_index[t]);
+    if (Shared) {
+      weights[n * (K + 1) + t] = w * scale[0];
+      ids[n * (2 * K + 2) + t] = id;
+      ids[n * (2 * K + 2) + K + 1 + t] = id + uint(E + 1);
+      if (t == 0) {
+        weights[n * (K + 1) + K] = 1.0f;
+        ids[n * (2 * K + 2) + K] = uint(E);
+        ids[n * (2 * K + 2) + 2 * K + 1] = uint(2 * E + 1);
+      }
+    } else {
+      weights[n * K + t] = w * scale[0];
+      ids[n * K + t] = id;
+    }
   }

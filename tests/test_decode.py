@@ -16,6 +16,7 @@ from kimi_mlx.decode import get_decode_path, set_decode_path
 from kimi_mlx.kda import set_kda_path
 
 TOL = 1e-4  # fp32 weights and activations: relative error of logits, ||out - ref|| / ||ref||
+TOL_FP32 = 1e-5  # one fp32 MoE layer, two orders of the same sums
 
 
 def _decode(model, prompt: mx.array, steps: int, path: str, kda: str | None) -> list[mx.array]:
@@ -86,3 +87,62 @@ def test_decode_switch(monkeypatch):
         get_decode_path()
     with pytest.raises(Exception, match="valid: compiled, eager"):
         set_decode_path("jit")
+
+
+def _moe(quantized: bool, shared: int = 1):
+    import mlx.nn as nn
+
+    from kimi_mlx.config import ModelArgs
+    from kimi_mlx.moe import SparseMoE
+
+    args = ModelArgs.from_dict({**TINY_CONFIG, "hidden_size": 64, "moe_intermediate_size": 64, "num_experts": 6,
+                                "num_experts_per_token": 3, "num_shared_experts": shared})
+    mx.random.seed(5)
+    moe = SparseMoE(args)
+    moe.e_score_correction_bias = 0.1 * mx.random.normal((6,))
+    if quantized:
+        nn.quantize(moe, group_size=32, bits=4)
+    mx.eval(moe.parameters())
+    return moe
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("B, T", [(1, 1), (2, 3)])
+def test_fused_moe_equals_the_moe_layer(quantized, B, T):
+    """FusedMoE (the shared expert as expert E, gate/up as one gather) against SparseMoE's own code."""
+    from kimi_mlx.fused import FusedMoE
+
+    moe = _moe(quantized)
+    x = mx.random.normal((B, T, 64), key=mx.random.key(B * 10 + T))
+    ref = moe(x)
+    assert FusedMoE.supported(moe)
+    fused = FusedMoE(moe)
+    assert _rel(fused.run(moe, x, fused.arrays()), ref) < TOL_FP32
+    assert _rel(moe(x), ref) < TOL_FP32  # the layer's weights are views of the buffers now: same layer
+    # New weights for the shared expert: the buffers are made again, not read stale.
+    down = moe.shared_experts.down_proj
+    if quantized:
+        down.scales = 2 * down.scales
+    else:
+        down.weight = 2 * down.weight
+    ref2 = moe(x)
+    assert _rel(ref2, ref) > 1e-3
+    assert _rel(fused.run(moe, x, fused.arrays()), ref2) < TOL_FP32
+
+
+def test_fused_moe_needs_a_shared_expert_shaped_like_a_routed_one():
+    from kimi_mlx.fused import FusedMoE
+
+    assert not FusedMoE.supported(_moe(True, shared=2))  # shared intermediate 128 != 64
+    assert not FusedMoE.supported(_moe(False, shared=0))
+
+
+def test_fused_moe_leaves_parallel_moe_layers_alone():
+    """An expert-parallel MoE (its own __call__ reduces across ranks) keeps its own code."""
+    from kimi_mlx.fused import FusedMoE
+    from kimi_mlx.parallel.expert import ExpertParallelMoE
+
+    moe = _moe(True)
+    parallel = ExpertParallelMoE.__new__(ExpertParallelMoE)
+    parallel.__dict__.update(moe.__dict__)
+    assert FusedMoE.supported(moe) and not FusedMoE.supported(parallel)

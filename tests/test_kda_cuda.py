@@ -198,9 +198,10 @@ def _configs():
         "kda_decode layer bf16": ("kda_decode", [bf] * 5 + [f32] * 3 + [i32] + [bf] * 6 + [f32], [bf, f32, bf, bf, bf],
                                   dec(True, bf, 512, 128)),
         "moe_route 256 experts top-8": ("moe_route", [f32] * 3, [u32, f32],
-                                        [("E", 256), ("K", 8), ("Threads", 256), ("Renorm", True)]),
+                                        [("E", 256), ("K", 8), ("Threads", 256), ("Renorm", True), ("Shared", True)]),
         "moe_route 1100 experts top-5": ("moe_route", [f32] * 3, [u32, f32],
-                                         [("E", 1100), ("K", 5), ("Threads", 1024), ("Renorm", False)]),
+                                         [("E", 1100), ("K", 5), ("Threads", 1024), ("Renorm", False),
+                                          ("Shared", False)]),
     }
 
 

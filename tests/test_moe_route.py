@@ -73,6 +73,31 @@ def test_route_kernel_planted_bugs_are_caught(old, new):
     assert kernel().self_check(1100, 8, True) is None
 
 
+@pytest.mark.parametrize("N, E, k", [(1, 256, 8), (3, 40, 3), (2, 8, 8)])
+def test_route_kernel_with_the_shared_expert_equals_the_reference(N, E, k):
+    """shared=True: rows (ids, E, ids + E + 1, 2E + 1) of the stacked gate/up weights, weights (w, 1)."""
+    logits, bias = logits_and_bias(N, E, seed=E)
+    rows, w = kernel()(logits, bias, k, True, 2.5, shared=True)
+    ref_rows, ref_w = moe_route.with_shared(*route_ops(logits, bias, k, True, 2.5), E)
+    assert rows.shape == (N, 2 * k + 2) and w.shape == (N, k + 1) and rows.dtype == mx.uint32
+    assert compare_routes((rows[:, :k], w[:, :k]), (ref_rows[:, :k], ref_w[:, :k]), TOL_FP32, "shared") is None
+    r, rr = np.array(rows), np.array(ref_rows)
+    assert (r[:, k] == E).all() and (r[:, -1] == 2 * E + 1).all() and (np.array(w)[:, k] == 1).all()
+    assert (np.sort(r[:, k + 1:-1], axis=1) == np.sort(rr[:, k + 1:-1], axis=1)).all()  # ids + E + 1
+    assert (r[:, k + 1:-1] == r[:, :k] + E + 1).all()  # each up row is its gate row's expert
+
+
+@pytest.mark.parametrize("old, new", [
+    ("ids[n * (2 * K + 2) + K + 1 + t] = id + uint(E + 1);", "ids[n * (2 * K + 2) + K + 1 + t] = id + uint(E);"),
+    ("weights[n * (K + 1) + K] = 1.0f;", "weights[n * (K + 1) + K] = scale[0];"),
+])
+def test_route_kernel_shared_layout_bugs_are_caught(old, new):
+    assert moe_route.SOURCE.body.count(old) == 1, "the planted line moved: update this test"
+    broken = kernel(edit=lambda name, src: src.replace(old, new))
+    assert broken.self_check(64, 8, True) is not None
+    assert kernel().self_check(64, 8, True) is None
+
+
 def test_route_kernel_planted_missing_barrier_is_caught():
     barrier = "threadgroup_barrier(mem_flags::mem_threadgroup);"
     assert moe_route.SOURCE.body.count(barrier) == 2, "a barrier was added or removed: update this test"
@@ -98,7 +123,7 @@ def test_route_dispatch_runs_the_kernel_after_its_self_check(emulated, monkeypat
     calls = []
     k = kernel()
     real = k.__call__
-    monkeypatch.setattr(RouteKernel, "__call__", lambda self, *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(RouteKernel, "__call__", lambda self, *a, **kw: (calls.append(1), real(*a, **kw))[1])
     emulated(k)
     logits, bias = logits_and_bias(3, 64)
     with warnings.catch_warnings():
