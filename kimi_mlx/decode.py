@@ -58,13 +58,32 @@ def get_decode_path() -> str:
     return "eager" if mx.default_device() == mx.cpu else "compiled"
 
 
-def _trace_key(kind: str, x: mx.array) -> tuple:
-    """What a trace depends on besides the layer: shapes, dtypes and every path switch."""
-    from .experts import get_expert_path
-    from .kda.metal import get_kernel_mode
+class DecodeStep:
+    """What one token's decode step reads from the path switches, read ONCE per model call (the
+    Model makes one and hands it to every layer) instead of in each of the 27 layers: the env
+    reads and kernel-readiness checks were about a third of the host's graph building per token
+    on the H200 (bench/gpu/host_profile.py). Switches changed between two model calls are seen
+    by the next call; a step made by its layer alone (no Model) reads them itself."""
 
-    # str(device): Device objects hash by identity, and a key that never matches re-traces every call.
-    return (kind, x.shape, x.dtype, get_kda_path(), get_kernel_mode(), get_expert_path(), str(mx.default_device()))
+    def __init__(self, x: mx.array):
+        self.path = get_decode_path()
+        self.key: tuple = ()
+        self._once: dict = {}
+        if self.path == "compiled":
+            from .experts import get_expert_path
+            from .kda.metal import get_kernel_mode
+
+            # What a trace depends on besides the layer and its kind: shapes, dtypes, every path
+            # switch. str(device): Device objects hash by identity (a key that never matches
+            # would re-trace every call).
+            self.key = (x.shape, x.dtype, get_kda_path(), get_kernel_mode(), get_expert_path(),
+                        str(mx.default_device()))
+
+    def once(self, key, fn):
+        """fn() the first time `key` is asked for in this step (layers of one shape share it)."""
+        if key not in self._once:
+            self._once[key] = fn()
+        return self._once[key]
 
 
 def _compiled(layer, key: tuple, build):
@@ -81,9 +100,9 @@ def _compiled(layer, key: tuple, build):
     return cache[key]
 
 
-def _run(layer, kind: str, x: mx.array, build, *args):
+def _run(layer, step: DecodeStep, kind: str, x: mx.array, build, *args):
     """Call the compiled function; if tracing it fails, warn once and remember to stay eager."""
-    key = _trace_key(kind, x)  # once per call: it reads every path switch (the env vars)
+    key = (kind, *step.key)
     fn = _compiled(layer, key, build)
     if fn is None:
         return None
@@ -233,12 +252,12 @@ def _kda_finish(layer):
     return finish
 
 
-def _kda_split(layer, x, conv, state):
+def _kda_split(layer, step: DecodeStep, x, conv, state):
     """The compiled KDA step as project trace -> Layer kernel -> finish trace; None to go eager.
     Returns (h, windows, state)."""
     fusions = _kda_fusions(layer)
     kda_arrays = _fused_arrays(fusions[:2])
-    out = _run(layer, "kda_project", x, lambda: _kda_project(layer), *kda_arrays)
+    out = _run(layer, step, "kda_project", x, lambda: _kda_project(layer), *kda_arrays)
     if out is None:
         return None
     qkv, f, bx, gate = out
@@ -246,7 +265,7 @@ def _kda_split(layer, x, conv, state):
     y, windows, state = kda_decode_layer(qkv, conv, fusions[2].arrays()[0], f, bx, attn.A_log, attn.dt_bias, gate,
                                          attn.o_norm.weight, attn.o_norm.eps, state)
     fused = _fused_arrays([_mlp_fusion(layer)])
-    h = _run(layer, "kda_finish", x, lambda: _kda_finish(layer), y, *fused)
+    h = _run(layer, step, "kda_finish", x, lambda: _kda_finish(layer), y, *fused)
     return (h if h is not None else _kda_finish(layer)(x, y, *fused)), windows, state
 
 
@@ -281,10 +300,12 @@ def _mla_finish(layer):
     return finish
 
 
-def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
+def decode_layer(layer, x: mx.array, cache, step: DecodeStep | None = None) -> mx.array | None:
     """One decode step of `layer` (a model.DecoderLayer) on x [B, 1, hidden], advancing `cache`;
-    None when this step should run eagerly instead (the caller then runs the layer as usual)."""
-    if get_decode_path() != "compiled":
+    None when this step should run eagerly instead (the caller then runs the layer as usual).
+    step: the model call's DecodeStep (made here when None)."""
+    step = step if step is not None else DecodeStep(x)
+    if step.path != "compiled":
         return None
     if layer.is_kda:
         if cache.conv is None:  # a fresh cache: zero windows and state, as the layer would start
@@ -298,12 +319,13 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
         # the trace. q, k reach the recurrence in float32, v in the activation dtype. With the
         # Layer kernel ready, the attention from conv to output gate is that one kernel.
         attn = layer.self_attn
-        get_kda_path(1, (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype))
-        kernel = attn.kernel_step_ready(x.dtype)
+        dims = (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype)
+        kernel = step.once(("kda", *dims, attn.q_conv.kernel_size),
+                           lambda: (get_kda_path(1, dims), attn.kernel_step_ready(x.dtype))[1])
         split = kernel and _kda_fusions(layer) is not None  # the kernel can also sit between two traces
         if not (split and not KERNEL_IN_TRACE):
             fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
-            out = _run(layer, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
+            out = _run(layer, step, "kda_kernel" if kernel else "kda", x, lambda: _kda_step(layer, kernel), *conv, state,
                        *fused)
             if out is not None:
                 h, *cache.conv, cache.recurrent = out
@@ -313,7 +335,7 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
                 return None
         # The kernel between a projection trace and a finish trace: by choice, or because a trace
         # holding the kernel failed (then _run has warned once).
-        out = _kda_split(layer, x, conv, state)
+        out = _kda_split(layer, step, x, conv, state)
         if out is None:
             return None
         h, cache.conv, cache.recurrent = out
@@ -321,11 +343,11 @@ def decode_layer(layer, x: mx.array, cache) -> mx.array | None:
         return h
     if not layer.self_attn.absorbs(x.shape[1]):
         return None
-    qa = _run(layer, "mla_project", x, lambda: _mla_project(layer), *_fused_arrays([_mla_fusion(layer)]))
+    qa = _run(layer, step, "mla_project", x, lambda: _mla_project(layer), *_fused_arrays([_mla_fusion(layer)]))
     if qa is None:
         return None
     q, latent = qa
     o = layer.self_attn.attend(q, latent, cache)  # the cache has advanced: no way back to eager
     fused = _fused_arrays([_mlp_fusion(layer)])
-    h = _run(layer, "mla_finish", x, lambda: _mla_finish(layer), o, *fused)
+    h = _run(layer, step, "mla_finish", x, lambda: _mla_finish(layer), o, *fused)
     return h if h is not None else _mla_finish(layer)(x, o, *fused)

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from .cache import KDACache, LatentCache, make_cache
 from .config import ModelArgs
 from .dtypes import FP32_PARAMS  # noqa: F401 (imported from here by others)
-from .decode import decode_layer
+from .decode import DecodeStep, decode_layer
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import MLAttention
 from .moe import MLP, SparseMoE
@@ -31,9 +31,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, cache, step: DecodeStep | None = None) -> mx.array:
         if x.shape[1] == 1 and mask is None and cache is not None:
-            h = decode_layer(self, x, cache)  # a compiled step (kimi_mlx/decode.py), or None
+            h = decode_layer(self, x, cache, step)  # a compiled step (kimi_mlx/decode.py), or None
             if h is not None:
                 return h
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -49,9 +49,10 @@ class KimiLinearModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, mask: mx.array | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # [B, T, hidden]
+        step = DecodeStep(h) if inputs.shape[1] == 1 and mask is None and cache is not None else None
         cache = cache if cache is not None else [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, mask, layer_cache, step)
         return self.norm(h)
 
 

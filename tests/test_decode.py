@@ -146,3 +146,33 @@ def test_fused_moe_leaves_parallel_moe_layers_alone():
     parallel = ExpertParallelMoE.__new__(ExpertParallelMoE)
     parallel.__dict__.update(moe.__dict__)
     assert FusedMoE.supported(moe) and not FusedMoE.supported(parallel)
+
+
+def test_decode_step_reads_the_switches_once_per_token_not_per_layer(monkeypatch):
+    """DecodeStep: the path switches (env reads) and kernel-readiness checks are read once per
+    model call; a model twice as deep reads them as often (they were read in every layer)."""
+    import copy
+
+    from kimi_mlx import Model, ModelArgs
+    from kimi_mlx.switch import PathSwitch
+
+    reads = []
+    real = PathSwitch.forced
+    monkeypatch.setattr(PathSwitch, "forced", lambda self: (reads.append(1), real(self))[1])
+    counts = []
+    for depth in (4, 8):
+        cfg = copy.deepcopy(TINY_CONFIG)
+        cfg["num_hidden_layers"] = depth
+        cfg["linear_attn_config"]["kda_layers"] = [i for i in range(1, depth + 1) if i % 4]
+        cfg["linear_attn_config"]["full_attn_layers"] = [i for i in range(1, depth + 1) if i % 4 == 0]
+        model = Model(ModelArgs.from_dict(cfg))
+        cache = model.make_cache()
+        set_decode_path("compiled")
+        try:
+            mx.eval(model(mx.array([[3]]), cache=cache))  # traces
+            reads.clear()
+            mx.eval(model(mx.array([[4]]), cache=cache))
+            counts.append(len(reads))
+        finally:
+            set_decode_path(None)
+    assert counts[0] == counts[1] and counts[0] <= 12, f"switch reads per token at depth 4 and 8: {counts}"
