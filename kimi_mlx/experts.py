@@ -79,22 +79,12 @@ def get_expert_path(mlp: SwitchGLU | None = None, rows: int | None = None) -> st
 
 def experts_gather(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
     """Reference: SwitchGLU's gather matmuls, then the weighted sum over the k experts."""
-    y = mlp(_match_weight_dtype(mlp, x), ids)  # [N, k, D]
+    y = mlp(match_weight_dtype(mlp, x), ids)  # [N, k, D]
     return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 
 # mlx-lm's SwitchGLU sorts the (token, expert) rows by expert from this many on; so does experts_direct.
 SORT_MIN_ROWS = 64
-_LHS_INDICES: dict[int, mx.array] = {}  # tokens N -> [N, 1] uint32 constant (0..N-1), made once
-
-
-def _lhs_indices(n: int) -> mx.array:
-    """[n, 1] uint32 0..n-1, a data array (inside mx.compile a constant, not a kernel)."""
-    if n not in _LHS_INDICES:
-        _LHS_INDICES[n] = mx.array(np.arange(n, dtype=np.uint32)[:, None])
-    return _LHS_INDICES[n]
-
-
 def experts_direct(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
     """The reference's math with its gather matmuls called directly (see the module docstring):
     x [N, D] -> [N, k, 1, D] expert outputs -> weighted sum [N, D]."""
@@ -102,9 +92,9 @@ def experts_direct(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array
     if ids.size >= SORT_MIN_ROWS or _global_scale(mlp) is not None or any(
             "bias" in p for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
         return experts_gather(mlp, x, ids, weights)
-    lhs = _lhs_indices(N)  # [N, 1]: row n of x for every expert slot of token n
+    lhs = slot_rows(N, 1)  # [N, 1]: row n of x for every expert slot of token n
     rhs = mx.stop_gradient(ids)  # [N, k]
-    xe = _match_weight_dtype(mlp, x)[:, None, None, :]  # [N, 1, 1, D]
+    xe = match_weight_dtype(mlp, x)[:, None, None, :]  # [N, 1, 1, D]
 
     def linear(layer, h):  # h [N, 1|k, 1, in] -> [N, k, 1, out]
         if isinstance(layer, QuantizedSwitchLinear):
@@ -126,19 +116,20 @@ def experts_direct(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array
 def _down(layer, h: mx.array, rhs: mx.array) -> mx.array:
     """h [N, k, 1, I] (one row per (token, slot)) -> [N, k, D] through each slot's expert."""
     if isinstance(layer, QuantizedSwitchLinear):
-        y = mx.gather_qmm(h, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=_slot_rows(*rhs.shape),
+        y = mx.gather_qmm(h, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=slot_rows(*rhs.shape),
                           rhs_indices=rhs, transpose=True, group_size=layer.group_size, bits=layer.bits,
                           mode=layer.mode)
     else:
-        y = mx.gather_mm(h, layer["weight"].swapaxes(-1, -2), lhs_indices=_slot_rows(*rhs.shape), rhs_indices=rhs)
+        y = mx.gather_mm(h, layer["weight"].swapaxes(-1, -2), lhs_indices=slot_rows(*rhs.shape), rhs_indices=rhs)
     return y.squeeze(-2)
 
 
 _SLOT_ROWS: dict[tuple[int, int], mx.array] = {}
 
 
-def _slot_rows(n: int, k: int) -> mx.array:
-    """[n, k] uint32 n * k + j: the row of an [n, k, 1, I] input that slot (n, j) reads."""
+def slot_rows(n: int, k: int) -> mx.array:
+    """[n, k] uint32 n * k + j: the row of an [n, k, 1, I] input that slot (n, j) reads; with k = 1
+    the row of each token. A data array made once (inside mx.compile a constant, not a kernel)."""
     if (n, k) not in _SLOT_ROWS:
         _SLOT_ROWS[(n, k)] = mx.array(np.arange(n * k, dtype=np.uint32).reshape(n, k))
     return _SLOT_ROWS[(n, k)]
@@ -154,7 +145,7 @@ def experts_grouped(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.arra
     order = mx.argsort(flat)  # rows (token, slot) sorted by expert
     counts = np.bincount(np.array(flat), minlength=mlp.gate_proj.num_experts)  # host sync
     token = order // k  # [N * k] the token each sorted row belongs to
-    xs = _match_weight_dtype(mlp, x)[token]  # [N * k, D]
+    xs = match_weight_dtype(mlp, x)[token]  # [N * k, D]
     ws = weights.reshape(-1)[order][:, None].astype(xs.dtype)  # [N * k, 1]
     outs, start = [], 0
     for e in np.flatnonzero(counts):
@@ -177,7 +168,7 @@ def run_experts(mlp: SwitchGLU, x: mx.array, ids: mx.array, weights: mx.array, p
     return fn(mlp, x, ids, weights)
 
 
-def _match_weight_dtype(mlp: SwitchGLU, x: mx.array) -> mx.array:
+def match_weight_dtype(mlp: SwitchGLU, x: mx.array) -> mx.array:
     """Cast x to unquantized expert weights' dtype (MLX's CPU gather_mm wants them equal)."""
     w = mlp.gate_proj.weight
     return x.astype(w.dtype) if mx.issubdtype(w.dtype, mx.floating) else x

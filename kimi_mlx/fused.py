@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .experts import SORT_MIN_ROWS, match_weight_dtype, slot_rows
 from .moe_route import route
 
 
@@ -113,28 +113,19 @@ class FusedLinears(FusedParams):
         return mlp(z, self(z, arrays))
 
 
-_ROWS: dict[tuple[int, int], mx.array] = {}
-
-
-def _rows(n: int, k: int) -> mx.array:
-    """[n, k] uint32 constant n * k + j (made once; inside mx.compile a constant, not a kernel)."""
-    if (n, k) not in _ROWS:
-        _ROWS[(n, k)] = mx.array(np.arange(n * k, dtype=np.uint32).reshape(n, k))
-    return _ROWS[(n, k)]
-
-
 class FusedMoE:
     """A SparseMoE (kimi_mlx.moe) whose shared expert joins the routed ones: per token ONE gather
     matmul for the gate and up rows of its k experts and the shared one, one activation (weights
     applied, the shared expert's 1), one gather matmul for down, one sum: 4 kernels where the
     layer's own code takes 9 (2-3 gathers, shared gate/up, its activation, its down, the adds).
-    Same math as SparseMoE.__call__, the reference (tests/test_decode.py compares the two)."""
+    Same math as SparseMoE.__call__, the reference (tests/test_decode.py compares the two), which
+    also runs instead from SORT_MIN_ROWS (token, expert) rows on: there gather matmuls want their
+    rows sorted by expert (Metal segments them into GEMMs), as SparseMoE's path does."""
 
     def __init__(self, mlp):
         s, e = mlp.shared_experts, mlp.switch_mlp
         self.gate_up = FusedParams([e.gate_proj, s.gate_proj, e.up_proj, s.up_proj], quantized_names(e.gate_proj))
         self.down = FusedParams([e.down_proj, s.down_proj], quantized_names(e.down_proj))
-        self.experts = e.gate_proj.num_experts
 
     @staticmethod
     def supported(mlp) -> bool:
@@ -158,16 +149,18 @@ class FusedMoE:
         """z [B, T, D] -> the MoE's output [B, T, D] (routed experts plus the shared one)."""
         B, T, D = z.shape
         N, k1 = B * T, mlp.top_k + 1
+        if N * k1 >= SORT_MIN_ROWS:  # many rows (a large batch): the layer's own path sorts them by expert
+            return mlp(z)
         n = len(self.gate_up.names)
         ids, w = route(mlp.router_logits(z), mlp.e_score_correction_bias, mlp.top_k, mlp.renormalize, mlp.scale,
                        shared=True)  # [B, T, 2 k1] rows of the gate/up buffer, [B, T, k1]
         ids, w = ids.reshape(N, 2 * k1), w.reshape(N, k1)
-        xe = z.reshape(N, 1, 1, D)
-        h = self._gather(self.gate_up.linears[0], xe, arrays[:n], _rows(N, 1), ids)  # [N, 2 k1, 1, I]
+        xe = match_weight_dtype(mlp.switch_mlp, z).reshape(N, 1, 1, D)
+        h = self._gather(self.gate_up.linears[0], xe, arrays[:n], slot_rows(N, 1), ids)  # [N, 2 k1, 1, I]
         # SwiGLU(up, gate) of each slot, times its weight (before the linear down projection).
         h = mlp.switch_mlp.activation(h[:, k1:], h[:, :k1])
         h = h * w.astype(h.dtype)[..., None, None]  # [N, k1, 1, I]
-        y = self._gather(self.down.linears[0], h, arrays[n:], _rows(N, k1), ids[:, :k1])  # [N, k1, 1, D]
+        y = self._gather(self.down.linears[0], h, arrays[n:], slot_rows(N, k1), ids[:, :k1])  # [N, k1, 1, D]
         return y.squeeze(-2).sum(axis=-2).astype(z.dtype).reshape(B, T, D)
 
     @staticmethod

@@ -130,6 +130,19 @@ def test_fused_moe_equals_the_moe_layer(quantized, B, T):
     assert _rel(fused.run(moe, x, fused.arrays()), ref2) < TOL_FP32
 
 
+def test_fused_moe_leaves_many_rows_to_the_sorting_path(monkeypatch):
+    """From SORT_MIN_ROWS (token, expert) rows on, FusedMoE runs the layer's own (sorting) code."""
+    from kimi_mlx import fused
+
+    moe = _moe(True)
+    x = mx.random.normal((16, 1, 64), key=mx.random.key(7))  # 16 tokens x 4 slots = 64 rows
+    ref = moe(x)
+    f = fused.FusedMoE(moe)
+    calls = []
+    monkeypatch.setattr(fused, "route", lambda *a, **k: calls.append(1))
+    assert _rel(f.run(moe, x, f.arrays()), ref) < TOL_FP32 and not calls
+
+
 def test_fused_moe_needs_a_shared_expert_shaped_like_a_routed_one():
     from kimi_mlx.fused import FusedMoE
 
