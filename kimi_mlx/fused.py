@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .experts import SORT_MIN_ROWS, match_weight_dtype, slot_rows
+from .experts import SORT_MIN_ROWS, get_expert_path, match_weight_dtype, slot_rows
 from .moe_route import route
 
 
@@ -120,7 +120,8 @@ class FusedMoE:
     layer's own code takes 9 (2-3 gathers, shared gate/up, its activation, its down, the adds).
     Same math as SparseMoE.__call__, the reference (tests/test_decode.py compares the two), which
     also runs instead from SORT_MIN_ROWS (token, expert) rows on: there gather matmuls want their
-    rows sorted by expert (Metal segments them into GEMMs), as SparseMoE's path does."""
+    rows sorted by expert (Metal segments them into GEMMs), as SparseMoE's path does; and when an
+    expert path is forced ("gather", "grouped": kimi_mlx.experts), FusedMoE being the "direct" one."""
 
     def __init__(self, mlp):
         s, e = mlp.shared_experts, mlp.switch_mlp
@@ -149,7 +150,9 @@ class FusedMoE:
         """z [B, T, D] -> the MoE's output [B, T, D] (routed experts plus the shared one)."""
         B, T, D = z.shape
         N, k1 = B * T, mlp.top_k + 1
-        if N * k1 >= SORT_MIN_ROWS:  # many rows (a large batch): the layer's own path sorts them by expert
+        if N * k1 >= SORT_MIN_ROWS or get_expert_path() in ("gather", "grouped"):
+            # Many rows (a large batch): the layer's own path sorts them by expert. A forced expert
+            # path keeps its meaning: the layer's own code runs it.
             return mlp(z)
         n = len(self.gate_up.names)
         ids, w = route(mlp.router_logits(z), mlp.e_score_correction_bias, mlp.top_k, mlp.renormalize, mlp.scale,

@@ -130,8 +130,9 @@ def test_fused_moe_equals_the_moe_layer(quantized, B, T):
     assert _rel(fused.run(moe, x, fused.arrays()), ref2) < TOL_FP32
 
 
-def test_fused_moe_leaves_many_rows_to_the_sorting_path(monkeypatch):
-    """From SORT_MIN_ROWS (token, expert) rows on, FusedMoE runs the layer's own (sorting) code."""
+def test_fused_moe_leaves_many_rows_and_forced_paths_to_the_layer(monkeypatch):
+    """From SORT_MIN_ROWS (token, expert) rows on, or with an expert path forced, FusedMoE runs the
+    layer's own code."""
     from kimi_mlx import fused
 
     moe = _moe(True)
@@ -141,6 +142,14 @@ def test_fused_moe_leaves_many_rows_to_the_sorting_path(monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "route", lambda *a, **k: calls.append(1))
     assert _rel(f.run(moe, x, f.arrays()), ref) < TOL_FP32 and not calls
+    # A forced expert path too (FusedMoE is the direct one): few rows, the layer's own code.
+    from kimi_mlx.experts import set_expert_path
+
+    set_expert_path("gather")
+    try:
+        assert _rel(f.run(moe, x[:1], f.arrays()), moe(x[:1])) < TOL_FP32 and not calls
+    finally:
+        set_expert_path(None)
 
 
 def test_fused_moe_needs_a_shared_expert_shaped_like_a_routed_one():
