@@ -74,8 +74,13 @@ class PipelineStage(nn.Module):
             h = self.embed_tokens(inputs)  # [B, T, hidden]
         else:
             h = mx.distributed.recv((B, T, self.hidden), self.dtype, r - 1, group=g)
+        # The decode step's switch reads, once for this stage's layers. (Imported here: `kimi-mlx
+        # plan --ranks` imports this module and must stay light: decode pulls in mlx-lm.)
+        from ..decode import DecodeStep
+
+        step = DecodeStep(h) if T == 1 and mask is None and cache[self.start] is not None else None
         for i in range(self.start, self.end):
-            h = self.layers[i](h, mask, cache[i])
+            h = self.layers[i](h, mask, cache[i], step)
         if r < N - 1:
             h = mx.distributed.send(h, r + 1, group=g)
             # Prefill evaluates only the caches: make this stage's last cache depend on the send,
