@@ -316,12 +316,11 @@ def decode_layer(layer, x: mx.array, cache, step: DecodeStep | None = None) -> m
         else:
             conv, state = cache.conv, cache.recurrent
         # The kernels' one-time self-checks (on a GPU) evaluate arrays: run them here, not inside
-        # the trace. q, k reach the recurrence in float32, v in the activation dtype. With the
-        # Layer kernel ready, the attention from conv to output gate is that one kernel.
+        # the trace (kernel_step_ready asks the KDA path for one token first, then the Layer
+        # kernel). With the Layer kernel ready, conv to output gate is that one kernel.
         attn = layer.self_attn
-        dims = (attn.num_heads, attn.head_dim, attn.head_dim, mx.float32, x.dtype)
-        kernel = step.once(("kda", *dims, attn.q_conv.kernel_size),
-                           lambda: (get_kda_path(1, dims), attn.kernel_step_ready(x.dtype))[1])
+        kernel = step.once(("kda", attn.num_heads, attn.head_dim, attn.q_conv.kernel_size, x.dtype),
+                           lambda: attn.kernel_step_ready(x.dtype))
         split = kernel and _kda_fusions(layer) is not None  # the kernel can also sit between two traces
         if not (split and not KERNEL_IN_TRACE):
             fused = _fused_arrays([*(_kda_fusions(layer) or []), _mlp_fusion(layer)])
